@@ -1,0 +1,320 @@
+"""Turn the ledger's device-side statistics into per-leaf breakdown rows (one host read-back).
+
+# NOTE [shares]
+# A part's share is its projection on the final gradient G: <p, G> / <G, G>. The shares of the
+# parts in `.grad` (and of what was carried in) sum to 100%. With keep="tensors" the parts are
+# kept, so every share is exact. In keep="stats" mode a hook sees only the new part p_j and
+# S_{j-1}, what `.grad` held before it, so it can record <p_j, S_{j-1}> but not each <p_i, p_j>.
+# That pins the shares down exactly when `.grad` is the sum of at most two things (one part plus a
+# carried-in value, or two parts); with three or more the split of the cross terms is unknowable
+# and the share is left empty (and the report says to use keep="tensors"). The cosine of each part
+# with what `.grad` already held ("cos before") is always exact: it is the conflict signal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from gradprobe._ledger import _dot, _norms
+
+if TYPE_CHECKING:
+    from gradprobe._ledger import EpochStart, Leaf, Ledger, LeafState, PartStats
+
+__all__ = ["CarriedIn", "FinalGrad", "LeafBreakdown", "Part", "compute_breakdown", "snapshot_final"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one backward call added to one leaf."""
+
+    record: int
+    norm: float
+    absmax: float
+    finite: bool
+    in_grad: bool  # part of the final .grad (False: reset later, or an autograd.grad call)
+    share: float | None  # projection share of the final .grad, None when not in it or not knowable
+    cos_before: float | None  # cosine with what .grad held just before this part was added
+    tensor: torch.Tensor | None = None  # keep="tensors" only
+
+    @property
+    def zero(self) -> bool:
+        """Reached by the backward, but the gradient is exactly zero everywhere."""
+        return self.absmax == 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "record": self.record,
+            "norm": _json_float(self.norm),
+            "absmax": _json_float(self.absmax),
+            "finite": self.finite,
+            "in_grad": self.in_grad,
+            "share": _json_float(self.share),
+            "cos_before": _json_float(self.cos_before),
+        }
+
+
+@dataclass(frozen=True)
+class CarriedIn:
+    """What `.grad` held before the parts that make up the final `.grad`."""
+
+    norm: float
+    share: float | None
+    reason: Literal["trace_start", "modified"]  # there before the trace, or written outside backward
+
+    def to_dict(self) -> dict[str, object]:
+        return {"norm": _json_float(self.norm), "share": _json_float(self.share), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class LeafBreakdown:
+    """One leaf's final `.grad`, split into the parts each backward call added."""
+
+    leaf: Leaf
+    parts: tuple[Part, ...]
+    carried_in: CarriedIn | None
+    grad_norm: float | None  # the final .grad (None: .grad is None)
+    grad_finite: bool | None
+    check: bool | None  # the parts (+ carried in) add up to .grad; None when nothing to check
+    note: str = ""
+
+    @property
+    def reached(self) -> bool:
+        """Whether any recorded backward call reached this leaf."""
+        return bool(self.parts)
+
+    def part(self, record: int) -> Part | None:
+        """The part record ``record`` added (None if that call did not reach this leaf)."""
+        for part in self.parts:
+            if part.record == record:
+                return part
+        return None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "leaf": self.leaf.name,
+            "parts": [p.to_dict() for p in self.parts],
+            "carried_in": self.carried_in.to_dict() if self.carried_in else None,
+            "grad_norm": _json_float(self.grad_norm),
+            "grad_finite": self.grad_finite,
+            "check": self.check,
+            "note": self.note,
+        }
+
+
+@dataclass(eq=False)
+class FinalGrad:
+    """Device-side snapshot of a leaf's `.grad` when the trace ended (or when asked, mid-trace)."""
+
+    present: bool
+    norm: torch.Tensor | None
+    continuous: bool  # .grad is exactly what AccumulateGrad left after the last recorded part
+    dots: dict[int, torch.Tensor]  # keep="tensors": <part or carried-in, G>, keyed by part position (-1)
+    bitwise: bool | None  # keep="tensors": carried-in + parts, summed in order, torch.equal .grad
+
+
+def _json_float(x: float | None) -> float | str | None:
+    if x is None or math.isfinite(x):
+        return x
+    return str(x)
+
+
+def snapshot_final(ledger: Ledger) -> list[FinalGrad]:
+    """Snapshot every leaf's current `.grad` on its device (no read-back)."""
+    finals = []
+    with torch.no_grad():
+        for state in ledger.leaves:
+            finals.append(_snapshot_leaf(ledger, state))
+    return finals
+
+
+def _last_epoch_parts(state: LeafState) -> list[tuple[int, PartStats]]:
+    epoch = state.epoch
+    return [(i, p) for i, p in enumerate(state.parts) if p.epoch == epoch and epoch >= 0 and _accumulating(p)]
+
+
+def _accumulating(part: PartStats) -> bool:
+    return part.accumulated
+
+
+def _snapshot_leaf(ledger: Ledger, state: LeafState) -> FinalGrad:
+    tensor = state.leaf.tensor
+    grad = tensor.grad if tensor is not None else None
+    if grad is None:
+        return FinalGrad(False, None, False, {}, None)
+    after = state.after() if state.after is not None else None
+    continuous = after is grad and grad._version == state.after_version
+    grad = grad.detach()
+    norm, _ = _norms(grad)
+    dots: dict[int, torch.Tensor] = {}
+    bitwise = None
+    if ledger.keep == "tensors" and continuous:
+        start = state.epochs[-1]
+        total = start.tensor.clone() if start.tensor is not None else None
+        if start.tensor is not None:
+            dots[-1] = _dot(start.tensor, grad)
+        for i, part in _last_epoch_parts(state):
+            assert part.tensor is not None
+            dots[i] = _dot(part.tensor, grad)
+            total = part.tensor.clone() if total is None else total + part.tensor
+        bitwise = total is not None and torch.equal(total, grad)
+    return FinalGrad(True, norm, continuous, dots, bitwise)
+
+
+def _read_back(tensors: list[torch.Tensor]) -> list[float]:
+    """Read many 0-d device tensors to Python floats with one transfer per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out = [0.0] * len(tensors)
+    for positions in by_device.values():
+        stacked = torch.stack([tensors[i].to(torch.float64) for i in positions])
+        for i, value in zip(positions, stacked.cpu().tolist()):
+            out[i] = value
+    return out
+
+
+class _Values:
+    """Collects device tensors, reads them back once, then hands out floats by ticket."""
+
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+        self._floats: list[float] = []
+
+    def ticket(self, t: torch.Tensor | None) -> int:
+        if t is None:
+            return -1
+        self._tensors.append(t)
+        return len(self._tensors) - 1
+
+    def read(self) -> None:
+        self._floats = _read_back(self._tensors) if self._tensors else []
+
+    def __getitem__(self, ticket: int) -> float | None:
+        return None if ticket < 0 else self._floats[ticket]
+
+
+def compute_breakdown(ledger: Ledger, finals: list[FinalGrad]) -> list[LeafBreakdown]:
+    """Read back all statistics once and assemble one :class:`LeafBreakdown` per leaf."""
+    values = _Values()
+    tickets = []
+    for state, final in zip(ledger.leaves, finals):
+        part_t = [(values.ticket(p.norm), values.ticket(p.absmax), values.ticket(p.dot_before)) for p in state.parts]
+        epoch_t = [values.ticket(e.norm) for e in state.epochs]
+        final_t = values.ticket(final.norm)
+        dots_t = {k: values.ticket(v) for k, v in final.dots.items()}
+        tickets.append((part_t, epoch_t, final_t, dots_t))
+    values.read()
+    return [
+        _assemble(ledger, state, final, values, *t) for state, final, t in zip(ledger.leaves, finals, tickets)
+    ]
+
+
+def _assemble(
+    ledger: Ledger,
+    state: LeafState,
+    final: FinalGrad,
+    values: _Values,
+    part_t: list[tuple[int, int, int]],
+    epoch_t: list[int],
+    final_t: int,
+    dots_t: dict[int, int],
+) -> LeafBreakdown:
+    norms = [values[t[0]] or 0.0 for t in part_t]
+    absmaxes = [values[t[1]] for t in part_t]
+    dots = [values[t[2]] for t in part_t]
+    grad_norm = values[final_t]
+    last = state.epoch
+    in_final = {i for i, _ in _last_epoch_parts(state)} if final.present and final.continuous else set()
+    note = ""
+    carried: CarriedIn | None = None
+    start: EpochStart | None = state.epochs[last] if last >= 0 else None
+    carried_norm = values[epoch_t[last]] if start is not None else None
+
+    # Norm of .grad just before each part (telescoped within its epoch), for the cosine.
+    before_norm: list[float | None] = []
+    running: dict[int, float] = {e.epoch: (values[epoch_t[e.epoch]] or 0.0) ** 2 for e in state.epochs}
+    for part, n, d in zip(state.parts, norms, dots):
+        if not part.accumulated and part.dot_before is None:
+            before_norm.append(None)  # an autograd.grad part: .grad never held it
+            continue
+        sq = running.get(part.epoch, 0.0)
+        before_norm.append(None if d is None else math.sqrt(max(sq, 0.0)))
+        running[part.epoch] = sq + 2.0 * (d or 0.0) + n * n
+
+    shares: dict[int, float | None] = {}
+    carried_share: float | None = None
+    if in_final:
+        if ledger.keep == "tensors" and dots_t:
+            g2 = (grad_norm or 0.0) ** 2
+            if g2 > 0:
+                shares = {i: (values[dots_t[i]] or 0.0) / g2 for i in in_final}
+                carried_share = (values[dots_t[-1]] or 0.0) / g2 if -1 in dots_t else None
+        else:
+            shares, carried_share, note = _stats_shares(sorted(in_final), norms, dots, carried_norm)
+    if start is not None and start.norm is not None and in_final:
+        carried = CarriedIn(carried_norm or 0.0, carried_share, start.reason)  # type: ignore[arg-type]
+
+    check: bool | None = None
+    if not final.present:
+        if state.parts:
+            note = ".grad was reset to None after the last recorded part"
+    elif not state.parts:
+        note = ".grad was set before the trace or outside any recorded backward"
+    elif not final.continuous:
+        check = False
+        note = ".grad was modified outside backward after the last recorded part (zero_grad, clipping, p.grad.mul_)"
+    else:
+        check = final.bitwise if final.bitwise is not None else True
+
+    parts = []
+    for i, part in enumerate(state.parts):
+        absmax = absmaxes[i]
+        finite = absmax is not None and math.isfinite(absmax) and math.isfinite(norms[i])
+        cos = None
+        bn = before_norm[i]
+        if bn is not None and dots[i] is not None and bn > 0 and norms[i] > 0:
+            cos = max(-1.0, min(1.0, dots[i] / (bn * norms[i])))
+        parts.append(
+            Part(
+                record=part.record,
+                norm=norms[i],
+                absmax=absmax if absmax is not None else float("nan"),
+                finite=finite,
+                in_grad=i in in_final,
+                share=shares.get(i),
+                cos_before=cos,
+                tensor=part.tensor,
+            )
+        )
+    grad_finite = None if grad_norm is None else math.isfinite(grad_norm)
+    return LeafBreakdown(state.leaf, tuple(parts), carried, grad_norm, grad_finite, check, note)
+
+
+def _stats_shares(
+    in_final: list[int], norms: list[float], dots: list[float | None], carried_norm: float | None
+) -> tuple[dict[int, float | None], float | None, str]:
+    """Exact projection shares from stats alone, when .grad is the sum of at most two things."""
+    elements = len(in_final) + (1 if carried_norm is not None else 0)
+    if elements == 1:
+        if carried_norm is None:
+            return {in_final[0]: 1.0}, None, ""
+        return {}, 1.0, ""
+    if elements == 2:
+        if carried_norm is not None:
+            x2, (j,) = carried_norm**2, in_final
+            y2, d = norms[j] ** 2, dots[j] or 0.0
+            g2 = x2 + y2 + 2 * d
+            if g2 <= 0:
+                return {}, None, ""
+            return {j: (y2 + d) / g2}, (x2 + d) / g2, ""
+        i, j = in_final
+        x2, y2, d = norms[i] ** 2, norms[j] ** 2, dots[j] or 0.0
+        g2 = x2 + y2 + 2 * d
+        if g2 <= 0:
+            return {}, None, ""
+        return {i: (x2 + d) / g2, j: (y2 + d) / g2}, None, ""
+    return {}, None, "shares of 3+ contributions to one .grad need trace(keep='tensors')"

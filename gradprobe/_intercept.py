@@ -1,0 +1,97 @@
+"""A TorchFunctionMode that sees backward / autograd.grad calls, `.grad` reads and in-place writes.
+
+# NOTE [fast path]
+# Every torch call made while a trace is active passes through `__torch_function__`, so the
+# common case (an op nobody watches) is one dict lookup and a call. In-place writes are only
+# classified when some plugin implements `gradprobe_inplace_write`, and the classification of each
+# function is cached.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from gradprobe._calls import BACKWARD_FUNCTIONS
+from gradprobe._sites import user_site
+
+if TYPE_CHECKING:
+    from gradprobe._trace import Trace
+
+__all__ = ["Interceptor", "written_tensors"]
+
+_GRAD_GET = torch.Tensor.grad.__get__
+_BACKWARD = dict.fromkeys(BACKWARD_FUNCTIONS, True)
+_INPLACE_DUNDERS = frozenset(
+    f"__i{op}__"
+    for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift", "matmul")
+) | {"__setitem__"}
+# Trailing-underscore methods that do not write tensor data.
+_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "rename_", "refine_names_", "record_stream_"})
+
+
+def _writes_in_place(func: Callable[..., Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    if name in _INPLACE_DUNDERS:
+        return True
+    return name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES
+
+
+def written_tensors(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], in_place: bool | None = None
+) -> list[torch.Tensor]:
+    """The tensors ``func(*args, **kwargs)`` writes in place (empty when it writes none).
+
+    ``in_place`` is ``_writes_in_place(func)`` when the caller already knows it.
+    """
+    out = kwargs.get("out")
+    written: list[torch.Tensor] = []
+    if out is not None:
+        written += [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    if in_place is None:
+        in_place = _writes_in_place(func)
+    if args and in_place:
+        first = args[0]
+        if isinstance(first, torch.Tensor):
+            written.append(first)
+        elif isinstance(first, (list, tuple)):  # torch._foreach_*_
+            written += [t for t in first if isinstance(t, torch.Tensor)]
+    return written
+
+
+class Interceptor(TorchFunctionMode):
+    """Routes the few torch calls a trace cares about to it; passes everything else straight on."""
+
+    def __init__(self, trace: Trace) -> None:
+        super().__init__()
+        self._trace = trace
+        self.watch_grad_reads = False
+        self.watch_writes = False
+        self._writes_cache: dict[Any, bool] = {}
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        if func in _BACKWARD:
+            return self._trace._run_backward(func, args, kwargs)
+        if self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
+            self._trace._plugins.call("gradprobe_grad_read", trace=self._trace, tensor=args[0], site=user_site())
+        elif self.watch_writes:
+            in_place = self._writes_cache.get(func)
+            if in_place is None:
+                in_place = self._writes_cache[func] = _writes_in_place(func)
+            # any function may take out=; only in-place ones write through args[0]
+            written = written_tensors(func, args, kwargs, in_place) if (in_place or "out" in kwargs) else []
+            if written:
+                self._trace._plugins.call(
+                    "gradprobe_inplace_write", trace=self._trace, tensors=written, func=func, site=user_site()
+                )
+        return func(*args, **kwargs)

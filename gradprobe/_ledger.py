@@ -1,0 +1,264 @@
+"""The ledger: one record per backward call, one part per (call, leaf).
+
+# NOTE [exact parts]
+# A leaf's tensor hook receives exactly the gradient one backward call adds to it, before
+# AccumulateGrad adds it to `.grad`. Those are the parts. Differences of `.grad` taken after
+# accumulation are not exact (float round-off), so they are never used for attribution.
+
+# NOTE [epochs of .grad]
+# `.grad` is the sum of the parts since it was last reset. A post-accumulate hook remembers which
+# tensor (and which `_version` of it) AccumulateGrad left in `.grad`. At the next part, if `.grad`
+# is None, or is another tensor, or was written in place since (zero_grad(set_to_none=False),
+# clip_grad_norm_, a manual `p.grad.mul_()`), a new epoch starts and whatever `.grad` held then is
+# the epoch's "carried in" value. Only the last epoch's parts make up the final `.grad`.
+
+# NOTE [stats without syncs]
+# In keep="stats" mode a hook launches two or three reductions (norm, abs-max, dot with what .grad
+# held before) and keeps the 0-d results on the gradient's device. Nothing is read back to the host
+# until someone asks for numbers (breakdown/report/to_dict), and then all at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from gradprobe._sites import Site
+
+__all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats"]
+
+Kind = Literal["backward", "grad"]
+
+
+@dataclass(frozen=True)
+class BackwardRecord:
+    """One backward call seen by a trace.
+
+    Attributes:
+        index: position in ``trace.records``.
+        name: what the user calls the loss: ``t.name(...)``, the expression on the call line
+            (``loss_cls``, ``l1 + l2``), or ``backward#N``.
+        site: ``(filename, lineno)`` of the call, None when unknown (a backward run on a thread
+            gradprobe could not see).
+        retain_graph: the effective value (``None`` means ``create_graph``).
+        kind: ``"backward"`` accumulates into ``.grad``; ``"grad"`` (``torch.autograd.grad``) does not.
+        create_graph: whether the call built a graph of the gradient.
+        inputs: names of the tensors given as ``inputs=`` (None when not given).
+        thread: name of the thread the call was made on.
+        seen: False for a backward gradprobe learnt of from its hooks only (started on another thread).
+    """
+
+    index: int
+    name: str
+    site: Site | None
+    retain_graph: bool
+    kind: Kind
+    create_graph: bool = False
+    inputs: tuple[str, ...] | None = None
+    thread: str = "MainThread"
+    seen: bool = True
+
+    @property
+    def accumulates(self) -> bool:
+        return self.kind == "backward"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "site": list(self.site) if self.site else None,
+            "retain_graph": self.retain_graph,
+            "kind": self.kind,
+            "create_graph": self.create_graph,
+            "inputs": list(self.inputs) if self.inputs is not None else None,
+            "thread": self.thread,
+            "seen": self.seen,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Leaf:
+    """A leaf tensor recorded by a trace (a parameter, or any tensor that requires grad)."""
+
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    module: str | None = None
+    ref: weakref.ReferenceType[torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """The live tensor, or None once it was garbage collected."""
+        return self.ref() if self.ref is not None else None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "module": self.module,
+        }
+
+
+@dataclass(eq=False)
+class PartStats:
+    """Device-side statistics of one part (not read back until asked)."""
+
+    record: int
+    epoch: int
+    norm: torch.Tensor
+    absmax: torch.Tensor
+    dot_before: torch.Tensor | None  # <part, .grad before it>, None when .grad was None
+    tensor: torch.Tensor | None = None  # keep="tensors" only
+    accumulated: bool = False
+
+
+@dataclass(eq=False)
+class EpochStart:
+    """What `.grad` held when an epoch began."""
+
+    epoch: int
+    record: int  # the record whose part opened the epoch
+    norm: torch.Tensor | None  # norm of the carried-in .grad (None: .grad was None)
+    tensor: torch.Tensor | None  # keep="tensors": a copy of the carried-in .grad
+    reason: Literal["start", "trace_start", "reset", "modified"]
+
+
+def _norms(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if g.is_sparse:
+        g = g.coalesce().values()
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    if g.is_complex():
+        g = g.abs()
+    return (
+        torch.linalg.vector_norm(g, dtype=acc),
+        torch.linalg.vector_norm(g, ord=float("inf"), dtype=acc),
+    )
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.is_sparse or b.is_sparse:
+        a, b = a.to_dense(), b.to_dense()
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a = a.reshape(-1)
+    b = b.reshape(-1)
+    if a.dtype != acc:
+        a, b = a.to(acc), b.to(acc)
+    if a.is_complex():
+        return torch.vdot(a, b).real
+    return torch.dot(a, b)
+
+
+class LeafState:
+    """Everything the ledger knows about one leaf; mutated only from its own hooks."""
+
+    __slots__ = ("leaf", "parts", "epochs", "after", "after_version")
+
+    def __init__(self, leaf: Leaf) -> None:
+        self.leaf = leaf
+        self.parts: list[PartStats] = []
+        self.epochs: list[EpochStart] = []
+        self.after: weakref.ReferenceType[torch.Tensor] | None = None  # .grad left by AccumulateGrad
+        self.after_version = -1
+
+    @property
+    def epoch(self) -> int:
+        return len(self.epochs) - 1
+
+
+class Ledger:
+    """Records and parts of one trace. Hooks write here; nothing else happens inside a hook."""
+
+    def __init__(self, keep: Literal["stats", "tensors"]) -> None:
+        self.keep = keep
+        self.records: list[BackwardRecord] = []
+        self.leaves: list[LeafState] = []
+        self.lock = threading.Lock()
+        self.version = 0  # bumped on every change, so read-backs know when to refresh
+
+    def add_record(self, **fields: object) -> BackwardRecord:
+        with self.lock:
+            record = BackwardRecord(index=len(self.records), **fields)  # type: ignore[arg-type]
+            self.records.append(record)
+            self.version += 1
+        return record
+
+    def add_leaf(self, tensor: torch.Tensor, name: str, module: str | None) -> LeafState:
+        leaf = Leaf(
+            index=len(self.leaves),
+            name=name,
+            shape=tuple(tensor.shape),
+            dtype=tensor.dtype,
+            device=tensor.device,
+            module=module,
+            ref=weakref.ref(tensor),
+        )
+        state = LeafState(leaf)
+        self.leaves.append(state)
+        return state
+
+    # -- called from hooks -------------------------------------------------------------------
+
+    def on_part(self, state: LeafState, record: BackwardRecord, grad: torch.Tensor) -> None:
+        """Record the gradient ``record`` is about to add to ``state``'s leaf (tensor hook)."""
+        with torch.no_grad():
+            g = grad.detach()
+            norm, absmax = _norms(g)
+            dot_before = None
+            if record.accumulates:
+                tensor = state.leaf.tensor
+                before = tensor.grad if tensor is not None else None
+                if before is not None and before.shape != g.shape:
+                    before = None
+                self._maybe_new_epoch(state, record, before)
+                if before is not None:
+                    dot_before = _dot(g, before.detach())
+            kept = g.clone() if self.keep == "tensors" else None
+            state.parts.append(
+                PartStats(record.index, state.epoch, norm, absmax, dot_before, kept, accumulated=False)
+            )
+        self.version += 1
+
+    def on_accumulated(self, state: LeafState, grad: torch.Tensor | None) -> None:
+        """Remember the `.grad` AccumulateGrad left (post-accumulate hook)."""
+        if grad is None:
+            return
+        state.after = weakref.ref(grad)
+        state.after_version = grad._version
+        if state.parts:
+            state.parts[-1].accumulated = True
+
+    def _maybe_new_epoch(self, state: LeafState, record: BackwardRecord, before: torch.Tensor | None) -> None:
+        after = state.after() if state.after is not None else None
+        continuing = (
+            before is not None
+            and state.epochs
+            and after is before
+            and before._version == state.after_version
+        )
+        if continuing:
+            return
+        if before is None:
+            reason = "start" if not state.epochs else "reset"
+            state.epochs.append(EpochStart(len(state.epochs), record.index, None, None, reason))  # type: ignore[arg-type]
+            return
+        reason = "trace_start" if not state.epochs else "modified"
+        norm, _ = _norms(before.detach())
+        kept = before.detach().clone() if self.keep == "tensors" else None
+        state.epochs.append(EpochStart(len(state.epochs), record.index, norm, kept, reason))  # type: ignore[arg-type]

@@ -1,0 +1,125 @@
+"""Where in the user's code something happened, and what the user called it.
+
+Every finding and record points at *the user's* line: the first frame on the stack that belongs
+neither to torch nor to gradprobe (nor to a handful of stdlib plumbing modules).
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import re
+import sys
+import sysconfig
+import threading
+from types import FrameType
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["Site", "expression_at", "name_in_frame", "user_frame", "user_site"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_GRADPROBE_DIR = os.path.dirname(__file__) + os.sep
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
+_STDLIB_PLUMBING = tuple(
+    _STDLIB_DIR + name for name in ("contextlib.py", "threading.py", "functools.py", "runpy.py")
+)
+
+
+class Site(NamedTuple):
+    """A place in the user's source: ``(filename, lineno)``."""
+
+    filename: str
+    lineno: int
+
+    def __str__(self) -> str:
+        return f"{os.path.basename(self.filename)}:{self.lineno}"
+
+    @property
+    def source(self) -> str:
+        """The stripped source line, or ``""`` when it cannot be read."""
+        return linecache.getline(self.filename, self.lineno).strip()
+
+
+def _is_internal(filename: str) -> bool:
+    if filename.startswith((_TORCH_DIR, _GRADPROBE_DIR)):
+        return True
+    return filename.startswith(("<frozen", *_STDLIB_PLUMBING))
+
+
+def user_frame(depth: int = 1) -> FrameType | None:
+    """Return the innermost frame of user code, skipping torch, gradprobe and stdlib plumbing."""
+    frame: FrameType | None = sys._getframe(depth)
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
+
+
+def user_site(depth: int = 1) -> Site | None:
+    """Return the :class:`Site` of the innermost user frame (``None`` on a thread with no user frame)."""
+    frame = user_frame(depth + 1)
+    if frame is None:
+        return None
+    return Site(frame.f_code.co_filename, frame.f_lineno)
+
+
+def name_in_frame(frame: FrameType | None, obj: Any) -> str | None:
+    """Return the name a local (or, at module level, global) variable of ``frame`` binds to ``obj``."""
+    if frame is None:
+        return None
+    for name, value in frame.f_locals.items():
+        if value is obj and not name.startswith("_"):
+            return name
+    return None
+
+
+# `a.backward(` / `torch.autograd.backward(` / `autograd.grad(` as written on the user's line.
+_METHOD_CALL = re.compile(r"(?P<expr>[\w\.\[\]\"'\(\) +\-*/]+?)\s*\.\s*backward\s*\(")
+_FUNCTION_CALL = re.compile(r"(?:torch\.)?(?:autograd\.)?(?P<fn>backward|grad)\s*\(\s*(?P<arg>[^,=]+?)\s*[,)]")
+
+
+def expression_at(site: Site | None, kind: str) -> str | None:
+    """Return the expression a backward/grad call on ``site``'s line was made on, if it reads cleanly.
+
+    ``loss_cls.backward(retain_graph=True)`` gives ``loss_cls``, ``(l1 + l2).backward()`` gives
+    ``l1 + l2`` and ``torch.autograd.grad(loss, params)`` gives ``loss``.
+    """
+    if site is None:
+        return None
+    line = site.source
+    if not line:
+        return None
+    if kind == "method":
+        match = _METHOD_CALL.search(line)
+        expr = match.group("expr") if match else None
+    else:
+        fmatch = _FUNCTION_CALL.search(line)
+        expr = fmatch.group("arg") if fmatch else None
+    if not expr:
+        return None
+    expr = expr.strip()
+    if "=" in expr:  # `total = l1 + l2).backward(` never happens, but `x = y.backward()` does
+        expr = expr.rsplit("=", 1)[1].strip()
+    while expr.startswith("(") and expr.endswith(")") and _balanced(expr[1:-1]):
+        expr = expr[1:-1].strip()
+    if not expr or not _balanced(expr):
+        return None
+    return expr
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for char in text:
+        if char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
+
+
+def thread_name() -> str:
+    """Name of the running thread (the engine's device thread when on one)."""
+    return threading.current_thread().name

@@ -1,0 +1,420 @@
+"""The Trace: enter/exit, owns every hook handle, the ledger and the plugin host.
+
+# NOTE [which backward a hook belongs to]
+# `torch._C._current_graph_task_id()` is one id per backward call, shared by all its hooks, but it
+# is only assigned once the engine starts. So before running a call, the trace registers a prehook
+# on each root's grad_fn; the root runs first, and its prehook binds the task id to the call's
+# record. A hook with a task id nobody bound belongs to a backward nested in a traced one (a
+# reentrant checkpoint) when a traced call is running on that thread or the hook runs on an engine
+# device thread, and otherwise to a backward started on a thread the interceptor cannot see (modes
+# are thread-local); that one gets a record of its own, named from what its hooks can learn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import torch
+
+from gradprobe._breakdown import FinalGrad, LeafBreakdown, compute_breakdown, snapshot_final
+from gradprobe._calls import BackwardCall, describe_call
+from gradprobe._intercept import Interceptor
+from gradprobe._ledger import BackwardRecord, Leaf, Ledger, LeafState
+from gradprobe._plugins import PluginHost
+from gradprobe._sites import expression_at, name_in_frame, thread_name, user_frame, user_site
+from gradprobe._targets import LeafNamer, leaves_of_graph, resolve_targets, tensor_label
+from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from rich.console import Console, ConsoleOptions, RenderResult
+    from torch.utils.hooks import RemovableHandle
+
+    from gradprobe.findings import Finding
+
+__all__ = ["Trace", "trace"]
+
+Keep = Literal["stats", "tensors"]
+Policy = Literal["warn", "raise", "record"]
+
+
+def trace(
+    *targets: Any,
+    keep: Keep = "stats",
+    report: bool = False,
+    on_finding: Policy = "warn",
+    plugins: Iterable[Any] = (),
+    disable: Iterable[str] = (),
+    console: Console | None = None,
+) -> Trace:
+    """Record every backward call's exact contribution to the gradients of ``targets``.
+
+    Args:
+        *targets: ``nn.Module`` objects (their parameters that require grad), leaf tensors, or
+            iterables of them. With none, every leaf any traced backward reaches is recorded.
+        keep: ``"stats"`` keeps per-part statistics on the device (cheap); ``"tensors"`` also keeps
+            each part, so the parts can be summed and compared with ``.grad`` bit for bit.
+        report: print :meth:`Trace.report` when the block exits.
+        on_finding: ``"warn"`` issues a :class:`~gradprobe.GradProbeWarning` per finding,
+            ``"raise"`` raises :class:`~gradprobe.GradProbeError` at an error finding, ``"record"``
+            only collects them in :attr:`Trace.findings`.
+        plugins: extra plugins (objects, or classes instantiated for this trace).
+        disable: names of plugins to leave out (built-in or installed).
+        console: the rich console ``report=True`` prints to.
+
+    Example::
+
+        with gradprobe.trace(model) as t:
+            loss_cls.backward(retain_graph=True)
+            loss_box.backward()
+        t.report()
+    """
+    return Trace(
+        targets, keep=keep, report=report, on_finding=on_finding, plugins=plugins, disable=disable, console=console
+    )
+
+
+class Trace:
+    """A gradient trace; use it as a context manager (see :func:`gradprobe.trace`)."""
+
+    def __init__(
+        self,
+        targets: tuple[Any, ...] = (),
+        *,
+        keep: Keep = "stats",
+        report: bool = False,
+        on_finding: Policy = "warn",
+        plugins: Iterable[Any] = (),
+        disable: Iterable[str] = (),
+        console: Console | None = None,
+        _frame_depth: int = 2,
+    ) -> None:
+        if keep not in ("stats", "tensors"):
+            raise ValueError(f"trace(keep=...) must be 'stats' or 'tensors', got {keep!r}")
+        if on_finding not in ("warn", "raise", "record"):
+            raise ValueError(f"trace(on_finding=...) must be 'warn', 'raise' or 'record', got {on_finding!r}")
+        self.keep: Keep = keep
+        self.on_finding: Policy = on_finding
+        self._print_report = report
+        self._console = console
+        self._serial = itertools.count()
+        self._ledger = Ledger(keep)
+        self._findings: list[Finding] = []
+        self._names: dict[int, tuple[Any, str]] = {}
+        self._by_id: dict[int, LeafState] = {}
+        self._handles: list[RemovableHandle] = []
+        self._state: Literal["new", "active", "done"] = "new"
+        self._mode = Interceptor(self)
+        self._by_task: dict[int, BackwardRecord] = {}
+        self._active: dict[int, list[BackwardRecord]] = {}  # thread ident -> running traced calls
+        self._quiet_records: set[int] = set()
+        self._muted = 0
+        self._finals: list[FinalGrad] | None = None
+        self._cache: tuple[int, list[LeafBreakdown]] | None = None
+        self.every_leaf = not targets
+        frame = user_frame(_frame_depth)
+        for tensor, name, module in resolve_targets(targets, frame, self._serial):
+            self._track(tensor, name, module)
+        self._plugins = PluginHost(self, plugins, disable)
+
+    # -- public data API ---------------------------------------------------------------------
+
+    @property
+    def records(self) -> tuple[BackwardRecord, ...]:
+        """One :class:`BackwardRecord` per backward / autograd.grad call, in call order."""
+        return tuple(self._ledger.records)
+
+    @property
+    def leaves(self) -> tuple[Leaf, ...]:
+        """Every recorded leaf, in the order it was first tracked."""
+        return tuple(state.leaf for state in self._ledger.leaves)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings so far (detectors and plugins add to it; see :meth:`emit`)."""
+        return list(self._findings)
+
+    @property
+    def active(self) -> bool:
+        return self._state == "active"
+
+    @property
+    def plugin_names(self) -> list[str]:
+        return self._plugins.names
+
+    def name(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Name a loss (or a leaf) for the report; returns ``tensor`` so it can wrap an expression."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"Trace.name() names tensors; got {type(tensor).__name__} for {name!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Trace.name() needs a non-empty string name, got {name!r}")
+        self._names[id(tensor)] = (weakref.ref(tensor), name)
+        state = self._by_id.get(id(tensor))
+        if state is not None and state.leaf.tensor is tensor:
+            state.leaf = replace(state.leaf, name=name)
+        return tensor
+
+    def given_name(self, tensor: torch.Tensor) -> str | None:
+        """The name given with :meth:`name`, if any."""
+        entry = self._names.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        return None
+
+    def breakdown(self) -> list[LeafBreakdown]:
+        """Per leaf: the part each backward call added, what was carried in, the total and the check.
+
+        Statistics are read back from the device here, once (cached after the trace ended).
+        """
+        if self._state == "done" and self._cache is not None:
+            return self._cache[1]
+        finals = self._finals if self._finals is not None else snapshot_final(self._ledger)
+        rows = compute_breakdown(self._ledger, finals)
+        if self._state == "done":
+            self._cache = (self._ledger.version, rows)
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything recorded, JSON-safe (non-finite numbers as strings)."""
+        from gradprobe import __version__
+
+        return {
+            "gradprobe": __version__,
+            "keep": self.keep,
+            "records": [r.to_dict() for r in self._ledger.records],
+            "leaves": [leaf.to_dict() for leaf in self.leaves],
+            "breakdown": [row.to_dict() for row in self.breakdown()],
+            "findings": [f.to_dict() for f in self._findings],
+        }
+
+    def report(self, console: Console | None = None) -> None:
+        """Print the report (calls, gradient breakdown, findings) to ``console`` (default: rich's)."""
+        import rich
+
+        (console or self._console or rich.get_console()).print(self)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for sections in self._plugins.call("gradprobe_report_sections", trace=self):
+            yield from sections
+
+    def emit(self, finding: Finding) -> None:
+        """Add a finding and apply ``on_finding`` (this raises :class:`GradProbeError` under "raise")."""
+        self._add_finding(finding, self.on_finding)
+
+    def _add_finding(self, finding: Finding, policy: Policy) -> None:
+        self._findings.append(finding)
+        if policy == "raise" and finding.severity == "error":
+            raise GradProbeError(finding.format(), finding)
+        if policy in ("warn", "raise") and finding.severity != "info":
+            site = finding.site
+            if site is not None:
+                warnings.warn_explicit(finding.format(), GradProbeWarning, site.filename, site.lineno)
+            else:
+                warnings.warn(finding.format(), GradProbeWarning, stacklevel=2)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Trace:
+        if self._state != "new":
+            raise TraceStateError(
+                f"this gradprobe trace is {'already active' if self._state == 'active' else 'finished'}; "
+                "a trace records one block: create a new one with gradprobe.trace(...) for each `with`"
+            )
+        self._state = "active"
+        try:
+            self._mode.watch_grad_reads = self._plugins.implemented("gradprobe_grad_read")
+            self._mode.watch_writes = self._plugins.implemented("gradprobe_inplace_write")
+            self._mode.__enter__()
+            self._handles.append(_ModeHandle(self._mode))
+            self._plugins.call("gradprobe_trace_start", trace=self)
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        pending: GradProbeError | None = None
+        try:
+            self._plugins.call("gradprobe_trace_end", trace=self)
+            self._finals = snapshot_final(self._ledger)
+            for found in self._plugins.call("gradprobe_collect_findings", trace=self):
+                for finding in found:
+                    try:
+                        self.emit(finding)
+                    except GradProbeError as error:
+                        pending = pending or error
+        finally:
+            self._close()
+        if self._print_report:
+            self.report()
+        if pending is not None and exc_type is None:
+            raise pending
+
+    def _close(self) -> None:
+        self._state = "done"
+        handles, self._handles = self._handles, []
+        for handle in reversed(handles):
+            handle.remove()
+        self._by_task.clear()
+        self._active.clear()
+
+    @contextlib.contextmanager
+    def muted(self) -> Iterator[None]:
+        """Run gradprobe's own autograd calls (e.g. decomposition) without recording them."""
+        self._muted += 1
+        try:
+            yield
+        finally:
+            self._muted -= 1
+
+    # -- leaves and hooks --------------------------------------------------------------------
+
+    def _track(self, tensor: torch.Tensor, name: str, module: str | None) -> LeafState:
+        state = self._ledger.add_leaf(tensor, self.given_name(tensor) or name, module)
+        self._by_id[id(tensor)] = state
+        ledger = self._ledger
+
+        def on_grad(grad: torch.Tensor) -> None:
+            if self._muted:
+                return
+            record = self._record_for_task()
+            if record.index not in self._quiet_records:
+                ledger.on_part(state, record, grad)
+
+        def on_accumulated(param: torch.Tensor) -> None:
+            if not self._muted:
+                ledger.on_accumulated(state, param.grad)
+
+        self._handles.append(tensor.register_hook(on_grad))
+        self._handles.append(tensor.register_post_accumulate_grad_hook(on_accumulated))
+        return state
+
+    def _tracked(self, tensor: torch.Tensor) -> bool:
+        state = self._by_id.get(id(tensor))
+        return state is not None and state.leaf.tensor is tensor
+
+    def _discover(self, roots: tuple[torch.Tensor, ...], frame: Any) -> None:
+        new = [t for t in leaves_of_graph(roots) if not self._tracked(t)]
+        if not new:
+            return
+        namer = LeafNamer(frame)
+        for tensor in namer.order(new):
+            named = namer.name(tensor)
+            if named is None:
+                named = (name_in_frame(frame, tensor) or tensor_label(tensor, next(self._serial)), None)
+            self._track(tensor, named[0], named[1])
+
+    # -- backward calls ----------------------------------------------------------------------
+
+    def _run_backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._muted or self._state != "active":
+            return func(*args, **kwargs)
+        frame = user_frame(2)
+        site = user_site(2)
+        call = describe_call(
+            func, args, kwargs, index=len(self._ledger.records), site=site, frame=frame, names=self.given_name
+        )
+        if self.every_leaf:
+            self._discover(call.roots + (call.inputs or ()), frame)
+        record = self._ledger.add_record(
+            name=call.name,
+            site=site,
+            retain_graph=call.retain_graph,
+            kind=call.kind,
+            create_graph=call.create_graph,
+            inputs=None if call.inputs is None else tuple(self._label(t, frame) for t in call.inputs),
+            thread=thread_name(),
+        )
+        if call.is_grads_batched:
+            self._quiet_records.add(record.index)  # hooks see vmapped gradients: not parts of .grad
+        call = replace(call, index=record.index)
+        stack = self._active.setdefault(threading.get_ident(), [])
+        stack.append(record)
+        handles = [
+            root.grad_fn.register_prehook(lambda grad_outputs, r=record: self._bind(r))
+            for root in call.roots
+            if root.grad_fn is not None
+        ]
+        error: BaseException | None = None
+        try:
+            self._plugins.call("gradprobe_before_backward", trace=self, call=call)
+            return func(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+            stack.pop()
+            for tid in [tid for tid, r in self._by_task.items() if r is record]:
+                del self._by_task[tid]
+            self._plugins.call("gradprobe_after_backward", trace=self, record=record, error=error)
+
+    def _label(self, tensor: torch.Tensor, frame: Any) -> str:
+        state = self._by_id.get(id(tensor))
+        if state is not None and state.leaf.tensor is tensor:
+            return state.leaf.name
+        return self.given_name(tensor) or name_in_frame(frame, tensor) or tensor_label(tensor, next(self._serial))
+
+    def _bind(self, record: BackwardRecord) -> None:
+        self._by_task[torch._C._current_graph_task_id()] = record
+
+    def _record_for_task(self) -> BackwardRecord:
+        task = torch._C._current_graph_task_id()
+        record = self._by_task.get(task)
+        if record is not None:
+            return record
+        with self._ledger.lock:
+            record = self._by_task.get(task)
+            if record is None:
+                record = self._nested_record() or self._unseen_record()
+                self._by_task[task] = record
+        return record
+
+    def _nested_record(self) -> BackwardRecord | None:
+        own = self._active.get(threading.get_ident())
+        if own:
+            return own[-1]
+        running = [stack[-1] for stack in self._active.values() if stack]
+        if running and user_frame(2) is None:  # an engine device thread working for a traced call
+            return running[-1]
+        return None
+
+    def _unseen_record(self) -> BackwardRecord:
+        site = user_site(2)
+        source = site.source if site else ""
+        kind: Literal["backward", "grad"] = "grad" if "grad(" in source and ".backward(" not in source else "backward"
+        index = len(self._ledger.records)
+        name = expression_at(site, "method" if ".backward(" in source else "function") or f"{kind}#{index}"
+        record = BackwardRecord(
+            index=index, name=name, site=site, retain_graph=False, kind=kind, thread=thread_name(), seen=False
+        )
+        self._ledger.records.append(record)
+        self._ledger.version += 1
+        return record
+
+    def __repr__(self) -> str:
+        return (
+            f"<gradprobe.Trace {self._state}: {len(self._ledger.records)} backward calls, "
+            f"{len(self._ledger.leaves)} leaves, {len(self._findings)} findings>"
+        )
+
+
+class _ModeHandle:
+    """Lets the interceptor mode be removed like any other hook handle."""
+
+    def __init__(self, mode: Interceptor) -> None:
+        self._mode: Interceptor | None = mode
+
+    def remove(self) -> None:
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)

@@ -1,0 +1,1 @@
+"""Built-in mistake detectors, one per module, each registered as a gradprobe plugin."""

@@ -1,0 +1,80 @@
+"""Findings: what a detector says about the user's code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gradprobe._sites import Site
+
+__all__ = ["Finding", "RelatedSite", "Severity"]
+
+Severity = Literal["error", "warning", "info"]
+_SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class RelatedSite:
+    """Another line that matters to a finding, with its role (e.g. ``"created the shared tensor"``)."""
+
+    filename: str
+    lineno: int
+    role: str
+
+    @property
+    def site(self) -> Site:
+        return Site(self.filename, self.lineno)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One mistake (or notable fact) found in a trace.
+
+    Attributes:
+        code: stable identifier, e.g. ``"GP101"``.
+        kind: the detector's kind, e.g. ``"freed_graph"``.
+        severity: ``"error"``, ``"warning"`` or ``"info"``.
+        message: one sentence saying what happened.
+        site: the user's line where it happened (never a torch or gradprobe frame), if known.
+        related: other lines that matter, each with its role.
+        fix: the concrete change, in the user's terms.
+        plugin: the name of the plugin that produced it.
+        data: extra JSON-safe details for tools.
+    """
+
+    code: str
+    kind: str
+    severity: Severity
+    message: str
+    site: Site | None = None
+    related: tuple[RelatedSite, ...] = ()
+    fix: str = ""
+    plugin: str = ""
+    data: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.severity not in _SEVERITIES:
+            raise ValueError(
+                f"Finding {self.code}: severity must be one of {_SEVERITIES}, got {self.severity!r}"
+            )
+
+    def format(self) -> str:
+        """Plain-text form: ``file:line: CODE message (fix: ...)``."""
+        where = f"{self.site}: " if self.site else ""
+        text = f"{where}{self.code} [{self.severity}] {self.message}"
+        if self.fix:
+            text += f" Fix: {self.fix}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "kind": self.kind,
+            "severity": self.severity,
+            "message": self.message,
+            "site": list(self.site) if self.site else None,
+            "related": [[r.filename, r.lineno, r.role] for r in self.related],
+            "fix": self.fix,
+            "plugin": self.plugin,
+            "data": self.data,
+        }
