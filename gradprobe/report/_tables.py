@@ -13,7 +13,7 @@ from rich.text import Text
 from gradprobe.report._format import check_cell, nonfinite, number, share
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
+    from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 
     from gradprobe._breakdown import LeafBreakdown, Part
     from gradprobe._ledger import BackwardRecord
@@ -26,34 +26,47 @@ _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
 def calls_table(trace: Trace) -> RenderableType:
-    """One row per backward / autograd.grad call: name, site, retain_graph, kind."""
-    records = trace.records
-    table = Table(
-        title=f"gradprobe · {len(records)} backward call{'s' * (len(records) != 1)} · "
-        f"{len(trace.leaves)} leaves · keep={trace.keep}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-    )
-    rows = []
-    for r in records:
-        kind = r.kind if r.kind == "backward" else "grad (no .grad)"
-        if r.create_graph:
-            kind += ", create_graph"
-        if not r.seen:
-            kind += f", thread {r.thread}"
-        rows.append((str(r.index), r.name, str(r.site) if r.site else "?", "yes" if r.retain_graph else "no", kind))
-    headers = ("#", "backward call", "site", "retain_graph", "kind")
-    styles = ("dim", "bold", "", "", "")
-    for col, (header, style) in enumerate(zip(headers, styles)):
-        # every column but the source line keeps its full width; the source line takes what is left
-        width = max([len(header)] + [len(row[col]) for row in rows])
-        table.add_column(header, style=style, no_wrap=True, width=width, justify="right" if col == 0 else "left")
-    table.add_column("source", style="dim", overflow="ellipsis", no_wrap=True)
-    for r, row in zip(records, rows):
-        table.add_row(*row, r.site.source if r.site else "")
-    if not records:
-        table.caption = "no backward call ran inside the trace"
-    return table
+    """One row per backward / autograd.grad call: name, site, retain_graph, kind, source line."""
+    return _CallsTable(trace)
+
+
+class _CallsTable:
+    """The calls table; the source line is cut to whatever width the other columns leave."""
+
+    def __init__(self, trace: Trace) -> None:
+        self._trace = trace
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        records = self._trace.records
+        rows = []
+        for r in records:
+            kind = r.kind if r.kind == "backward" else "grad (no .grad)"
+            if r.create_graph:
+                kind += ", create_graph"
+            if not r.seen:
+                kind += f", thread {r.thread}"
+            retain = "yes" if r.retain_graph else "no"
+            rows.append((str(r.index), r.name, str(r.site) if r.site else "?", retain, kind))
+        headers = ("#", "backward call", "site", "retain_graph", "kind")
+        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+        room = max(options.max_width - sum(widths) - 3 * len(widths) - 6, 8)
+        table = Table(
+            title=f"gradprobe · {len(records)} backward call{'s' * (len(records) != 1)} · "
+            f"{len(self._trace.leaves)} leaves · keep={self._trace.keep}",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+        )
+        for i, (header, style) in enumerate(zip(headers, ("dim", "bold", "", "", ""))):
+            table.add_column(header, style=style, no_wrap=True, justify="right" if i == 0 else "left")
+        table.add_column("source", style="dim", no_wrap=True)
+        for r, row in zip(records, rows):
+            source = r.site.source if r.site else ""
+            if len(source) > room:
+                source = source[: room - 1] + "…"
+            table.add_row(*row, source)
+        if not records:
+            table.caption = "no backward call ran inside the trace"
+        yield table
 
 
 def _part_cell(part: Part | None) -> Text:
