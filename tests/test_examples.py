@@ -1,0 +1,26 @@
+"""Every script in examples/ runs to completion (in-process, via runpy)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs(path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The example script runs without error and prints a report."""
+    monkeypatch.setattr(sys, "argv", [str(path)])
+    monkeypatch.chdir(path.parent)
+    runpy.run_path(str(path), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "gradprobe" in out or "Gradient" in out, f"{path.name} printed no report"
+
+
+def test_there_are_examples() -> None:
+    """The examples folder is not empty (the parametrized test would silently run nothing)."""
+    assert len(EXAMPLES) >= 2
