@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Site", "expression_at", "name_in_frame", "user_frame", "user_site"]
+__all__ = ["Site", "expression_at", "frame_locals", "name_in_frame", "user_frame", "user_site"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _GRADPROBE_DIR = os.path.dirname(__file__) + os.sep
@@ -64,11 +64,33 @@ def user_site(depth: int = 1) -> Site | None:
     return Site(frame.f_code.co_filename, frame.f_lineno)
 
 
+# NOTE [f_locals snapshots]
+# Before Python 3.13, reading `frame.f_locals` of a function frame copies the fast locals into a
+# dict cached on the frame, and that dict keeps every value alive until the frame re-syncs it or
+# returns: naming a loss would keep the user's model (or last graph) alive after `del model`. So
+# gradprobe takes a copy and empties the cached dict again, unless someone else holds it (a
+# `locals()` result, a debugger). Emptying is safe: CPython writes the dict back to the fast locals
+# only for keys present in it. From 3.13 on `f_locals` is a write-through proxy: never clear it.
+_CO_OPTIMIZED = 0x0001
+_RELEASE_SNAPSHOTS = sys.version_info < (3, 13)
+
+
+def frame_locals(frame: FrameType) -> dict[str, Any]:
+    """A copy of ``frame``'s local variables that leaves no strong references behind on the frame."""
+    snapshot = frame.f_locals
+    values = dict(snapshot)
+    if _RELEASE_SNAPSHOTS and frame.f_code.co_flags & _CO_OPTIMIZED and type(snapshot) is dict:
+        # references: the frame's cache, `snapshot`, and getrefcount's argument
+        if sys.getrefcount(snapshot) <= 3:
+            snapshot.clear()
+    return values
+
+
 def name_in_frame(frame: FrameType | None, obj: Any) -> str | None:
     """Return the name a local (or, at module level, global) variable of ``frame`` binds to ``obj``."""
     if frame is None:
         return None
-    for name, value in frame.f_locals.items():
+    for name, value in frame_locals(frame).items():
         if value is obj and not name.startswith("_"):
             return name
     return None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradprobe._graph import iter_nodes
-from gradprobe._sites import name_in_frame
+from gradprobe._sites import frame_locals, name_in_frame
 from gradprobe.exceptions import GradProbeWarning, TraceTargetError
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class LeafNamer:
         self._by_id: dict[int, tuple[str, str | None]] = {}
         if frame is None:
             return
-        for var, value in list(frame.f_locals.items()):
+        for var, value in frame_locals(frame).items():
             if var.startswith("_"):
                 continue
             if isinstance(value, nn.Module):
