@@ -314,7 +314,7 @@ def test_to_dict_is_strict_json() -> None:
     assert data["breakdown"][0]["parts"][0]["finite"] is False
 
 
-@pytest.mark.filterwarnings("ignore:Using backward\(\) with create_graph=True")
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True")
 def test_retain_graph_none_follows_create_graph() -> None:
     """retain_graph=None means create_graph, as in PyTorch."""
     w = torch.randn(3, requires_grad=True)
