@@ -49,7 +49,7 @@ class _CallsTable:
             rows.append((str(r.index), r.name, str(r.site) if r.site else "?", retain, kind))
         headers = ("#", "backward call", "site", "retain_graph", "kind")
         widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
-        room = max(options.max_width - sum(widths) - 3 * len(widths) - 6, 8)
+        room = options.max_width - sum(widths) - 3 * len(widths) - 6
         table = Table(
             title=f"gradprobe · {len(records)} backward call{'s' * (len(records) != 1)} · "
             f"{len(self._trace.leaves)} leaves · keep={self._trace.keep}",
@@ -58,12 +58,14 @@ class _CallsTable:
         )
         for i, (header, style) in enumerate(zip(headers, ("dim", "bold", "", "", ""))):
             table.add_column(header, style=style, no_wrap=True, justify="right" if i == 0 else "left")
-        table.add_column("source", style="dim", no_wrap=True)
+        show_source = room >= 16  # too narrow to be worth a column
+        if show_source:
+            table.add_column("source", style="dim", no_wrap=True)
         for r, row in zip(records, rows):
             source = r.site.source if r.site else ""
             if len(source) > room:
                 source = source[: room - 1] + "…"
-            table.add_row(*row, source)
+            table.add_row(*row, *([source] if show_source else []))
         if not records:
             table.caption = "no backward call ran inside the trace"
         yield table
