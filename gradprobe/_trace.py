@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
+from gradprobe._assertions import TraceAssertions
 from gradprobe._breakdown import FinalGrad, LeafBreakdown, compute_breakdown, snapshot_final
 from gradprobe._calls import BackwardCall, describe_call
 from gradprobe._intercept import Interceptor
@@ -82,7 +83,7 @@ def trace(
     )
 
 
-class Trace:
+class Trace(TraceAssertions):
     """A gradient trace; use it as a context manager (see :func:`gradprobe.trace`)."""
 
     def __init__(
