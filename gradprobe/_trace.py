@@ -283,8 +283,8 @@ class Trace(TraceAssertions):
         self._by_id[id(tensor)] = state
         ledger = self._ledger
 
-        def on_grad(grad: torch.Tensor) -> None:
-            if self._muted:
+        def on_grad(grad: torch.Tensor | None) -> None:
+            if self._muted or grad is None:  # None: an undefined gradient (torch.autograd.gradcheck sends one)
                 return
             record = self._record_for_task()
             if record.index not in self._quiet_records:
