@@ -5,6 +5,7 @@ from __future__ import annotations
 from gradprobe._breakdown import CarriedIn, LeafBreakdown, Part
 from gradprobe._calls import BackwardCall
 from gradprobe._ledger import BackwardRecord, Leaf
+from gradprobe._plugins import refresh_plugins
 from gradprobe._sites import Site
 from gradprobe._trace import Trace, trace
 from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError, TraceTargetError
@@ -30,5 +31,6 @@ __all__ = [
     "TraceTargetError",
     "__version__",
     "hookimpl",
+    "refresh_plugins",
     "trace",
 ]

@@ -5,6 +5,13 @@
 # trace (per-trace state lives on the instance, never on a class or module), and a plugin that
 # fails is unregistered from that trace only. Entry points are discovered once per process.
 
+# NOTE [discovering installed plugins]
+# Entry points of the "gradprobe" group are read and loaded once per process (reading package
+# metadata costs milliseconds, a trace may be entered every training step). A plugin installed
+# while the process runs (a notebook, a test) is seen after `gradprobe.refresh_plugins()`. An entry
+# point that fails to load is remembered as such and reported as a GP000 finding by every trace,
+# never raised: a broken third-party package must not stop anyone's training.
+
 # NOTE [isolating plugins]
 # pluggy calls all implementations in one go and lets the first exception escape. gradprobe must
 # never break a training step because a plugin is buggy, so hooks are called one implementation at
@@ -31,7 +38,7 @@ if TYPE_CHECKING:
 
     from gradprobe._trace import Trace
 
-__all__ = ["BUILTIN_PLUGINS", "PluginHost"]
+__all__ = ["BUILTIN_PLUGINS", "PluginHost", "refresh_plugins"]
 
 # Built-in plugins, registered under these names (what `disable=[...]` takes), in this order.
 BUILTIN_PLUGINS: dict[str, str] = {
@@ -40,15 +47,34 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "report.findings": "gradprobe.report._sections:FindingsSection",
 }
 
-_entry_point_cache: list[tuple[str, Any]] | None = None
+_entry_point_cache: list[tuple[str, Any, str | None]] | None = None
 
 
-def _entry_point_plugins() -> list[tuple[str, Any]]:
+def refresh_plugins() -> list[str]:
+    """Forget the installed plugins found so far and look for them again; return their names.
+
+    gradprobe reads the ``gradprobe`` entry-point group once per process. Call this after
+    installing (or removing) a plugin package in a running process, e.g. in a notebook::
+
+        %pip install gradprobe-budget
+        gradprobe.refresh_plugins()  # ['budget']
+    """
+    global _entry_point_cache
+    _entry_point_cache = None
+    importlib.invalidate_caches()
+    return [name for name, _, _ in _entry_point_plugins()]
+
+
+def _entry_point_plugins() -> list[tuple[str, Any, str | None]]:
+    """``(name, plugin or None, why it failed to load or None)`` per installed plugin, read once."""
     global _entry_point_cache
     if _entry_point_cache is None:
-        found = []
+        found: list[tuple[str, Any, str | None]] = []
         for ep in importlib.metadata.entry_points(group="gradprobe"):
-            found.append((ep.name, ep.load()))
+            try:
+                found.append((ep.name, ep.load(), None))
+            except Exception as exc:  # a broken installed package must not break anyone's training
+                found.append((ep.name, None, f"could not be loaded from {ep.value!r}: {type(exc).__name__}: {exc}"))
         _entry_point_cache = found
     return _entry_point_cache
 
@@ -57,10 +83,6 @@ def _load(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     module = importlib.import_module(module_name)
     return getattr(module, attr) if attr else module
-
-
-def _instantiate(plugin: Any) -> Any:
-    return plugin() if inspect.isclass(plugin) else plugin
 
 
 def _plugin_name(plugin: Any) -> str:
@@ -73,30 +95,64 @@ class PluginHost:
 
     def __init__(self, trace: Trace, plugins: Iterable[Any] = (), disable: Iterable[str] = ()) -> None:
         self._trace = trace
+        self.failures: list[Finding] = []
         self.pm = pluggy.PluginManager("gradprobe")
         self.pm.add_hookspecs(hookspecs)
-        candidates: list[tuple[str, Any]] = [(name, spec) for name, spec in BUILTIN_PLUGINS.items()]
-        candidates += _entry_point_plugins()
-        candidates += [(_plugin_name(p), p) for p in plugins]
-        disabled = set(disable)
-        known = {name for name, _ in candidates}
+        # (name, plugin, installed?) in call order: built-ins, then installed plugins, then trace(plugins=...)
+        candidates: list[tuple[str, Any, bool]] = [(name, spec, False) for name, spec in BUILTIN_PLUGINS.items()]
+        broken: dict[str, str] = {}
+        for name, plugin, error in _entry_point_plugins():
+            if error is None:
+                candidates.append((name, plugin, True))
+            else:
+                broken[name] = error
+        candidates += [(_plugin_name(p), p, False) for p in plugins]
+        disabled = {disable} if isinstance(disable, str) else set(disable)
+        known = {name for name, _, _ in candidates} | set(broken)
         unknown = disabled - known
         if unknown:
             raise ValueError(
                 f"trace(disable=...) names no plugin called {sorted(unknown)}; "
                 f"the plugins of this trace are {sorted(known)}"
             )
-        # pluggy calls the last registered first: register in reverse so hooks run in candidate order
-        # (built-ins, then installed plugins, then trace(plugins=...)).
-        for name, plugin in reversed(candidates):
+        for name, error in broken.items():
+            if name not in disabled:
+                self._report(name, f"installed gradprobe plugin {name!r} {error}; it is left out", "load")
+        # pluggy calls the last registered first: register in reverse so hooks run in candidate order.
+        for name, plugin, installed in reversed(candidates):
             if name in disabled:
                 continue
-            if isinstance(plugin, str):
-                plugin = _load(plugin)
             if self.pm.has_plugin(name):
                 raise ValueError(f"two gradprobe plugins are both named {name!r}; give one a gradprobe_name")
-            self.pm.register(_instantiate(plugin), name=name)
-        self.failures: list[Finding] = []
+            self._register(name, plugin, installed)
+
+    def _register(self, name: str, plugin: Any, installed: bool) -> None:
+        """Register one plugin; a class is instantiated here, so its state is this trace's alone."""
+        try:
+            if isinstance(plugin, str):
+                plugin = _load(plugin)
+            if inspect.isclass(plugin):
+                plugin = plugin()
+        except Exception as exc:
+            self._fail(name, "__init__", exc)
+            return
+        unknown = [
+            attr
+            for attr in dir(plugin)
+            if self.pm.parse_hookimpl_opts(plugin, attr) is not None and not hasattr(hookspecs, attr)
+        ]
+        try:
+            if unknown:
+                raise pluggy.PluginValidationError(
+                    plugin,
+                    f"gradprobe plugin {name!r} implements {unknown}, which are not gradprobe hooks; "
+                    f"check the spelling against gradprobe.hookspecs ({_hook_names()})",
+                )
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            if not installed:
+                raise  # the user's own plugin: a mistake to fix now, before any training runs
+            self._report(name, f"installed gradprobe plugin {name!r} is invalid: {exc}; it is left out", "load")
 
     @property
     def names(self) -> list[str]:
@@ -130,16 +186,26 @@ class PluginHost:
             self.pm.unregister(plugin)
         frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         where = f" at {frame.filename}:{frame.lineno}" if frame else ""
+        self._report(
+            name,
+            f"gradprobe plugin {name!r} raised {type(exc).__name__}: {exc}{where} in {hook_name}; "
+            "it is switched off for the rest of this trace",
+            hook_name,
+        )
+
+    def _report(self, name: str, message: str, hook_name: str) -> None:
         finding = Finding(
             code="GP000",
             kind="plugin_error",
             severity="warning",
-            message=(
-                f"gradprobe plugin {name!r} raised {type(exc).__name__}: {exc}{where} in {hook_name}; "
-                "it is switched off for the rest of this trace"
-            ),
+            message=message,
             fix=f"fix the plugin, or leave it out with trace(..., disable=[{name!r}])",
             plugin=name,
+            data={"hook": hook_name},
         )
         self.failures.append(finding)
         self._trace._add_finding(finding, policy="record")
+
+
+def _hook_names() -> str:
+    return ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("gradprobe_")))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
+from gradprobe._assertions import TraceAssertions
 from gradprobe._breakdown import FinalGrad, LeafBreakdown, compute_breakdown, snapshot_final
 from gradprobe._calls import BackwardCall, describe_call
 from gradprobe._intercept import Interceptor
@@ -82,7 +83,7 @@ def trace(
     )
 
 
-class Trace:
+class Trace(TraceAssertions):
     """A gradient trace; use it as a context manager (see :func:`gradprobe.trace`)."""
 
     def __init__(
@@ -282,8 +283,8 @@ class Trace:
         self._by_id[id(tensor)] = state
         ledger = self._ledger
 
-        def on_grad(grad: torch.Tensor) -> None:
-            if self._muted:
+        def on_grad(grad: torch.Tensor | None) -> None:
+            if self._muted or grad is None:  # None: an undefined gradient (torch.autograd.gradcheck sends one)
                 return
             record = self._record_for_task()
             if record.index not in self._quiet_records:
