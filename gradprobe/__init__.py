@@ -1,36 +1,61 @@
-"""gradprobe: see which loss moved which weight, and catch autograd mistakes before PyTorch does."""
+"""gradprobe: see which loss moved which weight, and catch autograd mistakes before PyTorch does.
+
+# NOTE [lazy facade]
+# The pytest plugin (`gradprobe.pytest_plugin`) is imported on every pytest run of every project
+# that has gradprobe installed, and importing it imports this package first. So this facade
+# imports nothing heavy: each public name is loaded from its module (and torch with it) on first
+# use, PEP 562 style. `import gradprobe` alone costs microseconds.
+"""
 
 from __future__ import annotations
 
-from gradprobe._breakdown import CarriedIn, LeafBreakdown, Part
-from gradprobe._calls import BackwardCall
-from gradprobe._ledger import BackwardRecord, Leaf
-from gradprobe._plugins import refresh_plugins
-from gradprobe._sites import Site
-from gradprobe._trace import Trace, trace
-from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError, TraceTargetError
-from gradprobe.findings import Finding, RelatedSite
-from gradprobe.hookspecs import hookimpl
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradprobe._breakdown import CarriedIn, LeafBreakdown, Part
+    from gradprobe._calls import BackwardCall
+    from gradprobe._ledger import BackwardRecord, Leaf
+    from gradprobe._plugins import refresh_plugins
+    from gradprobe._sites import Site
+    from gradprobe._trace import Trace, trace
+    from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError, TraceTargetError
+    from gradprobe.findings import Finding, RelatedSite
+    from gradprobe.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BackwardCall",
-    "BackwardRecord",
-    "CarriedIn",
-    "Finding",
-    "GradProbeError",
-    "GradProbeWarning",
-    "Leaf",
-    "LeafBreakdown",
-    "Part",
-    "RelatedSite",
-    "Site",
-    "Trace",
-    "TraceStateError",
-    "TraceTargetError",
-    "__version__",
-    "hookimpl",
-    "refresh_plugins",
-    "trace",
-]
+_EXPORTS = {
+    "BackwardCall": "gradprobe._calls",
+    "BackwardRecord": "gradprobe._ledger",
+    "CarriedIn": "gradprobe._breakdown",
+    "Finding": "gradprobe.findings",
+    "GradProbeError": "gradprobe.exceptions",
+    "GradProbeWarning": "gradprobe.exceptions",
+    "Leaf": "gradprobe._ledger",
+    "LeafBreakdown": "gradprobe._breakdown",
+    "Part": "gradprobe._breakdown",
+    "RelatedSite": "gradprobe.findings",
+    "Site": "gradprobe._sites",
+    "Trace": "gradprobe._trace",
+    "TraceStateError": "gradprobe.exceptions",
+    "TraceTargetError": "gradprobe.exceptions",
+    "hookimpl": "gradprobe.hookspecs",
+    "refresh_plugins": "gradprobe._plugins",
+    "trace": "gradprobe._trace",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradprobe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
