@@ -205,6 +205,12 @@ class Trace:
         for sections in self._plugins.call("gradprobe_report_sections", trace=self):
             yield from sections
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """Jupyter displays a trace as its rich report."""
+        from gradprobe.report._export import mimebundle
+
+        return mimebundle(self, include, exclude)
+
     def emit(self, finding: Finding) -> None:
         """Add a finding and apply ``on_finding`` (this raises :class:`GradProbeError` under "raise")."""
         self._add_finding(finding, self.on_finding)
