@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["Interceptor", "written_tensors"]
 
 _GRAD_GET = torch.Tensor.grad.__get__
-_is_compiling = torch.compiler.is_compiling
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
 _BACKWARD = dict.fromkeys(BACKWARD_FUNCTIONS, True)
 _INPLACE_DUNDERS = frozenset(
     f"__i{op}__"
