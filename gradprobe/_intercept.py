@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["Interceptor", "written_tensors"]
 
 _GRAD_GET = torch.Tensor.grad.__get__
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
 _BACKWARD = dict.fromkeys(BACKWARD_FUNCTIONS, True)
 _INPLACE_DUNDERS = frozenset(
     f"__i{op}__"
@@ -82,7 +83,9 @@ class Interceptor(TorchFunctionMode):
             kwargs = {}
         if func in _BACKWARD:
             return self._trace._run_backward(func, args, kwargs)
-        if self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
+        if (self.watch_grad_reads or self.watch_writes) and _is_compiling():
+            pass  # Dynamo is tracing a compiled region: see NOTE [torch.compile] in _transforms.py
+        elif self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
             self._trace._plugins.call("gradprobe_grad_read", trace=self._trace, tensor=args[0], site=user_site())
         elif self.watch_writes:
             in_place = self._writes_cache.get(func)

@@ -45,6 +45,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "report.calls": "gradprobe.report._sections:CallsSection",
     "report.breakdown": "gradprobe.report._sections:BreakdownSection",
     "report.findings": "gradprobe.report._sections:FindingsSection",
+    "amp": "gradprobe.detectors.amp:AmpPlugin",
 }
 
 _entry_point_cache: list[tuple[str, Any, str | None]] | None = None

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from gradprobe._checkpoint import checkpoint_leaves
 from gradprobe._graph import iter_nodes
 from gradprobe._sites import frame_locals, name_in_frame
 from gradprobe.exceptions import GradProbeWarning, TraceTargetError
@@ -153,4 +154,8 @@ def leaves_of_graph(roots: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         if isinstance(variable, torch.Tensor) and id(variable) not in seen:
             seen.add(id(variable))
             found.append(variable)
+        for hidden in checkpoint_leaves(node) or ():  # NOTE [reentrant checkpoint leaves]
+            if id(hidden) not in seen:
+                seen.add(id(hidden))
+                found.append(hidden)
     return found

@@ -31,6 +31,7 @@ from gradprobe._ledger import BackwardRecord, Leaf, Ledger, LeafState
 from gradprobe._plugins import PluginHost
 from gradprobe._sites import expression_at, name_in_frame, thread_name, user_frame, user_site
 from gradprobe._targets import LeafNamer, leaves_of_graph, resolve_targets, tensor_label
+from gradprobe._transforms import COMPILED_CODE, compiled_notice, functorch_active, functorch_notice, has_compiled_node
 from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class Trace(TraceAssertions):
         self._serial = itertools.count()
         self._ledger = Ledger(keep)
         self._findings: list[Finding] = []
+        self._notices: set[str] = set()
         self._names: dict[int, tuple[Any, str]] = {}
         self._by_id: dict[int, LeafState] = {}
         self._handles: list[RemovableHandle] = []
@@ -206,9 +208,21 @@ class Trace(TraceAssertions):
         for sections in self._plugins.call("gradprobe_report_sections", trace=self):
             yield from sections
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """Jupyter displays a trace as its rich report."""
+        from gradprobe.report._export import mimebundle
+
+        return mimebundle(self, include, exclude)
+
     def emit(self, finding: Finding) -> None:
         """Add a finding and apply ``on_finding`` (this raises :class:`GradProbeError` under "raise")."""
         self._add_finding(finding, self.on_finding)
+
+    def notice_once(self, finding: Finding) -> None:
+        """Emit ``finding`` unless one with the same code was already emitted by this trace."""
+        if finding.code not in self._notices:
+            self._notices.add(finding.code)
+            self.emit(finding)
 
     def _add_finding(self, finding: Finding, policy: Policy) -> None:
         self._findings.append(finding)
@@ -315,8 +329,15 @@ class Trace(TraceAssertions):
 
     # -- backward calls ----------------------------------------------------------------------
 
+    # NOTE [torch.compile]: a backward called inside a compiled function runs (with its hooks,
+    # which inherit this frame's setting) outside Dynamo, instead of Dynamo tracing gradprobe's
+    # bookkeeping and breaking the graph at each frame walk and lock.
+    @torch.compiler.disable
     def _run_backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._muted or self._state != "active":
+            return func(*args, **kwargs)
+        if functorch_active():  # NOTE [torch.func] in _transforms.py
+            self.notice_once(functorch_notice(user_site(2)))
             return func(*args, **kwargs)
         frame = user_frame(2)
         site = user_site(2)
@@ -325,6 +346,9 @@ class Trace(TraceAssertions):
         )
         if self.every_leaf:
             self._discover(call.roots + (call.inputs or ()), frame)
+        watching = self._mode.watch_writes or self._mode.watch_grad_reads
+        if watching and COMPILED_CODE not in self._notices and has_compiled_node(call.roots):
+            self.notice_once(compiled_notice(site))
         record = self._ledger.add_record(
             name=call.name,
             site=site,

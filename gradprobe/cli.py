@@ -1,0 +1,151 @@
+"""``gradprobe run train.py [args]``: run a script under a trace of every leaf, report at exit.
+
+# NOTE [running the user's script]
+# The script runs in this process with `runpy.run_path(run_name="__main__")`, `sys.argv` set to
+# the script and its arguments and `sys.path[0]` to the script's folder, as `python train.py` would.
+# The trace has no targets (every leaf any backward reaches) and `on_finding="record"`, so nothing
+# the script prints is interleaved with warnings; the report (findings included) is printed once the
+# script ends — also when it raises or calls `sys.exit`, after which the CLI exits the way the
+# script would have (its traceback and exit status 1, or its own exit code).
+# `run_path` returns the script's globals; they are held until the trace has exited, otherwise the
+# model is freed first and the report could not read the final `.grad` (a failing script's globals
+# stay alive through the traceback's frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import traceback
+from typing import TYPE_CHECKING
+
+from gradprobe._trace import Trace
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import TracebackType
+
+__all__ = ["main", "run_script"]
+
+_PROG = "gradprobe"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Make PyTorch gradients inspectable without changing your code.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    run = commands.add_parser(
+        "run",
+        help="run a training script under a gradprobe trace and print the report at exit",
+        description="Run SCRIPT (with ARGS) under a trace of every leaf any backward reaches; print the "
+        "report and findings when it ends, also when it fails.",
+    )
+    run.add_argument("--json", metavar="PATH", help="also write everything recorded as JSON (Trace.to_dict())")
+    run.add_argument("--html", metavar="PATH", help="also write the report as a standalone HTML page")
+    run.add_argument("--keep", choices=("stats", "tensors"), default="stats", help="what to keep per part (default: stats)")
+    run.add_argument("--quiet", action="store_true", help="do not print the report (files are still written)")
+    run.add_argument("script", help="the Python script to run")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the script")
+    return parser
+
+
+def run_script(
+    script: str,
+    args: Sequence[str] = (),
+    *,
+    keep: str = "stats",
+    json_path: str | None = None,
+    html_path: str | None = None,
+    quiet: bool = False,
+) -> tuple[Trace, BaseException | None]:
+    """Run ``script`` as ``__main__`` under a trace; write the report/files; return the trace and any error.
+
+    The script's exception (or ``SystemExit``) is returned, not raised, so the caller decides how to exit.
+    """
+    if not os.path.isfile(script):
+        where = os.path.abspath(script)
+        hint = " (it is a folder; name the script inside it)" if os.path.isdir(script) else ""
+        raise FileNotFoundError(f"gradprobe run: no script at {where}{hint}; usage: gradprobe run train.py [args]")
+    tracer = Trace((), keep=keep, on_finding="record")  # type: ignore[arg-type]
+    saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
+    sys.argv = [script, *args]
+    folder = os.path.dirname(os.path.abspath(script))
+    if sys.path:
+        sys.path[0] = folder
+    else:
+        sys.path.insert(0, folder)
+    error: BaseException | None = None
+    namespace: dict[str, object] = {}  # the script's globals stay alive until the trace took its finals
+    try:
+        with tracer:
+            try:
+                namespace = runpy.run_path(script, run_name="__main__")
+            except BaseException as exc:  # SystemExit and KeyboardInterrupt too: report first
+                error = exc
+    finally:
+        sys.argv = saved_argv
+        if saved_path0 is not None:
+            sys.path[0] = saved_path0
+    _write_outputs(tracer, json_path, html_path, quiet)
+    namespace.clear()
+    return tracer, error
+
+
+def _write_outputs(tracer: Trace, json_path: str | None, html_path: str | None, quiet: bool) -> None:
+    import rich
+
+    if not quiet:
+        rich.get_console().print(tracer)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump(tracer.to_dict(), fh, indent=2)
+    if html_path:
+        from gradprobe.report._export import render
+
+        with open(html_path, "w", encoding="utf-8") as fh:
+            fh.write(render(tracer).export_html(inline_styles=True))
+
+
+def _user_traceback(error: BaseException) -> TracebackType | None:
+    """The traceback from the script's first frame on (no gradprobe / runpy frames above it)."""
+    tb = error.__traceback__
+    plumbing = (__file__, runpy.__file__, "<frozen runpy>")
+    while tb is not None and tb.tb_frame.f_code.co_filename in plumbing:
+        tb = tb.tb_next
+    return tb or error.__traceback__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``gradprobe`` and ``python -m gradprobe``; returns the exit status."""
+    options = _parser().parse_args(argv)
+    try:
+        _, error = run_script(
+            options.script,
+            options.args,
+            keep=options.keep,
+            json_path=options.json,
+            html_path=options.html,
+            quiet=options.quiet,
+        )
+    except FileNotFoundError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if error is None:
+        return 0
+    if isinstance(error, SystemExit):
+        code = error.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    traceback.print_exception(type(error), error, _user_traceback(error))
+    print(f"{_PROG}: {options.script} raised {type(error).__name__}; the report above covers what ran before it", file=sys.stderr)
+    return 1

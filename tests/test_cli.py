@@ -1,0 +1,136 @@
+"""The zero-code entry point: ``gradprobe run script.py [args]`` and ``python -m gradprobe``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradprobe
+from gradprobe.cli import main, run_script
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from torch import nn
+
+    print("argv:", sys.argv[1:], "name:", __name__)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    out = model(torch.randn(5, 4))
+    loss_a = out[:, 0].pow(2).mean()
+    loss_b = out[:, 1].abs().mean()
+    loss_a.backward(retain_graph=True)
+    loss_b.backward()
+    if "--save" in sys.argv:
+        torch.save(model[0].weight.grad, sys.argv[sys.argv.index("--save") + 1])
+    if "--fail" in sys.argv:
+        raise ValueError("boom in the script")
+    if "--exit" in sys.argv:
+        sys.exit(3)
+    """
+)
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "train.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_run_prints_report_with_named_losses(script: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The script runs as __main__ with its arguments; the report names its losses and leaves."""
+    assert main(["run", str(script), "--lr", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "argv: ['--lr', '0.1'] name: __main__" in out
+    assert "gradprobe · 2 backward calls · 4 leaves" in out
+    assert "loss_a" in out and "loss_b" in out and "model.0.weight" in out
+
+
+def test_run_restores_argv_and_path(script: Path) -> None:
+    """sys.argv and sys.path[0] are the caller's again after the script ran."""
+    argv, path0 = list(sys.argv), sys.path[0]
+    main(["run", "--quiet", str(script), "x"])
+    assert sys.argv == argv and sys.path[0] == path0
+
+
+def test_run_writes_json_and_html(script: Path, tmp_path: Path) -> None:
+    """--json writes Trace.to_dict(); --html writes the rich report as an HTML page."""
+    out_json, out_html = tmp_path / "o.json", tmp_path / "o.html"
+    assert main(["run", "--quiet", "--json", str(out_json), "--html", str(out_html), str(script)]) == 0
+    data = json.loads(out_json.read_text())
+    assert [r["name"] for r in data["records"]] == ["loss_a", "loss_b"]
+    assert [row["leaf"] for row in data["breakdown"]][:1] == ["model.0.weight"]
+    assert data["breakdown"][0]["grad_norm"] is not None
+    html = out_html.read_text()
+    assert "<html" in html.lower() and "loss_a" in html and "Gradient breakdown" in html
+
+
+def test_run_reports_then_fails_when_script_raises(script: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A failing script still gets its report; the CLI prints the script's traceback and exits 1."""
+    assert main(["run", str(script), "--fail"]) == 1
+    captured = capsys.readouterr()
+    assert "gradprobe · 2 backward calls" in captured.out
+    assert "ValueError: boom in the script" in captured.err
+    assert 'train.py", line' in captured.err and "cli.py" not in captured.err
+
+
+def test_run_passes_on_script_exit_code(script: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """sys.exit(3) in the script: report printed, exit status 3."""
+    assert main(["run", str(script), "--exit"]) == 3
+    assert "gradprobe · 2 backward calls" in capsys.readouterr().out
+
+
+def test_missing_script_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A script that does not exist: exit status 2 and a message naming the path and the usage."""
+    assert main(["run", str(tmp_path / "nope.py")]) == 2
+    err = capsys.readouterr().err
+    assert "no script at" in err and "nope.py" in err and "gradprobe run train.py" in err
+
+
+def test_gradients_unchanged_by_cli(script: Path) -> None:
+    """The script's gradients are bitwise those of a plain run (keep="tensors": parts sum to .grad)."""
+    import runpy
+
+    plain_file, traced_file = script.parent / "plain.pt", script.parent / "traced.pt"
+    saved = list(sys.argv)
+    sys.argv = [str(script), "--save", str(plain_file)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
+    tracer, error = run_script(str(script), ["--save", str(traced_file)], keep="tensors", quiet=True)
+    assert error is None and len(tracer.records) == 2
+    assert [row.check for row in tracer.breakdown()] == [True] * 4
+    assert torch.equal(torch.load(plain_file), torch.load(traced_file))
+
+
+def test_python_dash_m(script: Path, tmp_path: Path) -> None:
+    """`python -m gradprobe run` works as a real process and exits with the script's status."""
+    env = dict(os.environ, PYTHONPATH=str(Path(gradprobe.__file__).parent.parent))
+    done = subprocess.run(
+        [sys.executable, "-m", "gradprobe", "run", str(script), "--fail"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert done.returncode == 1
+    assert "gradprobe · 2 backward calls" in done.stdout
+    assert "ValueError: boom in the script" in done.stderr
+
+
+def test_trace_displays_in_jupyter() -> None:
+    """Trace._repr_mimebundle_ gives the rich report as HTML and text (what Jupyter shows)."""
+    w = torch.ones(3, requires_grad=True)
+    with gradprobe.trace(w) as t:
+        (w * 2).sum().backward()
+    bundle = t._repr_mimebundle_()
+    assert set(bundle) == {"text/plain", "text/html"}
+    assert "Gradient breakdown" in bundle["text/plain"] and "<pre" in bundle["text/html"]
+    assert set(t._repr_mimebundle_(include=["text/html"])) == {"text/html"}
