@@ -24,7 +24,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe._sites import user_frame
+from gradprobe._sites import frame_locals, user_frame
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
 from gradprobe.report._format import number
@@ -42,7 +42,7 @@ _UNSCALE = "_amp_foreach_non_finite_check_and_unscale_"
 
 def _scalers_in(frame: Any) -> list[Any]:
     found = []
-    scopes = (frame.f_locals, frame.f_globals) if frame is not None else ()
+    scopes = (frame_locals(frame), frame.f_globals) if frame is not None else ()
     for scope in scopes:
         for value in list(scope.values()):
             if isinstance(value, torch.amp.GradScaler) and value.is_enabled() and value._scale is not None:
