@@ -114,6 +114,7 @@ class FinalGrad:
     continuous: bool  # .grad is exactly what AccumulateGrad left after the last recorded part
     dots: dict[int, torch.Tensor]  # keep="tensors": <part or carried-in, G>, keyed by part position (-1)
     bitwise: bool | None  # keep="tensors": carried-in + parts, summed in order, torch.equal .grad
+    freed: bool = False  # the leaf itself was garbage collected before the snapshot
 
 
 def _json_float(x: float | None) -> float | str | None:
@@ -142,7 +143,9 @@ def _accumulating(part: PartStats) -> bool:
 
 def _snapshot_leaf(ledger: Ledger, state: LeafState) -> FinalGrad:
     tensor = state.leaf.tensor
-    grad = tensor.grad if tensor is not None else None
+    if tensor is None:
+        return FinalGrad(False, None, False, {}, None, freed=True)
+    grad = tensor.grad
     if grad is None:
         return FinalGrad(False, None, False, {}, None)
     after = state.after() if state.after is not None else None
@@ -259,7 +262,9 @@ def _assemble(
         carried = CarriedIn(carried_norm or 0.0, carried_share, start.reason)  # type: ignore[arg-type]
 
     check: bool | None = None
-    if not final.present:
+    if final.freed:
+        note = "the tensor was freed before the trace ended, so its final .grad is unknown"
+    elif not final.present:
         if state.parts:
             note = ".grad was reset to None after the last recorded part"
     elif not state.parts:

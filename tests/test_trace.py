@@ -322,3 +322,14 @@ def test_retain_graph_none_follows_create_graph() -> None:
         (w**3).sum().backward(create_graph=True)
     assert t.records[0].retain_graph is True
     w.grad = None
+
+
+def test_a_leaf_freed_inside_the_trace_is_reported_as_freed() -> None:
+    """A parameter garbage collected before exit is not mistaken for a .grad reset to None."""
+    with gradprobe.trace() as t:
+        model = MLP()
+        model(torch.randn(2, 8)).sum().backward()
+        del model
+    (row, *_) = t.breakdown()
+    assert row.reached and row.check is None
+    assert "freed before the trace ended" in row.note
