@@ -112,7 +112,26 @@ class MergedTrace:
     def _findings(self) -> list[tuple[int, Finding]]:
         found = [(s["rank"], f) for s in self.summaries for f in s["findings"]]
         desync = [leaf for leaf in self.leaves if not leaf.in_sync]
-        if desync:
+        unfinished = any(f.code == "GP721" for _, f in found)
+        if desync and unfinished:
+            found.append(
+                (
+                    -1,
+                    Finding(
+                        code=DESYNC,
+                        kind="ddp_grad_desync",
+                        severity="info",
+                        message=(
+                            f"the ranks hold different .grad for {len(desync)} leaf{'s' * (len(desync) != 1)}, as "
+                            "expected after GP721: that backward never finished DDP's all-reduce, so .grad holds "
+                            "each rank's local gradient"
+                        ),
+                        plugin="ddp",
+                        data={"leaves": [leaf.name for leaf in desync]},
+                    ),
+                )
+            )
+        elif desync:
             names = ", ".join(leaf.name for leaf in desync[:6]) + (" …" if len(desync) > 6 else "")
             found.append(
                 (
@@ -157,8 +176,8 @@ class MergedTrace:
         table.add_column("leaf", style="bold", no_wrap=True)
         shown = list(range(min(len(self.records), 6)))
         for i in shown:
-            table.add_column(f"{self.records[i]}\nmin … max  spread", justify="right")
-        table.add_column("‖.grad‖ (average)\nall ranks", justify="right")
+            table.add_column(f"{self.records[i]}\nmin–max spread", justify="right")
+        table.add_column("‖.grad‖\nper rank", justify="right")
         table.add_column("Σ local", justify="center")
         for leaf in self.leaves:
             cells: list[Any] = [leaf.name]
@@ -169,23 +188,23 @@ class MergedTrace:
                     continue
                 present = [n for n in norms if n is not None]
                 spread = leaf.spread(i)
-                text = Text(f"{number(min(present))} … {number(max(present))}")
+                text = Text(f"{number(min(present))}–{number(max(present))}")
                 if spread is None:
-                    text.append(f"  {sum(n is None for n in norms)} rank(s) ·", style="yellow")
+                    text.append(f" {sum(n is None for n in norms)}×·", style="yellow")
                 else:
-                    text.append(f"  {spread:.0%}", style="yellow" if spread > 0.5 else "dim")
+                    text.append(f" {spread:.0%}", style="yellow" if spread > 0.5 else "dim")
                 cells.append(text)
             grads = {n for n in leaf.grad_norms}
             if leaf.in_sync:
-                cells.append(Text(f"{number(next(iter(grads)))} ✓ same"))
+                cells.append(Text(f"{number(next(iter(grads)))} ✓"))
             else:
-                cells.append(Text(" / ".join(number(n) for n in leaf.grad_norms) + " ✗ differ", style="bold red"))
+                cells.append(Text(" / ".join(number(n) for n in leaf.grad_norms) + " ✗", style="bold red"))
             checks = [c for c in leaf.checks if c is not None]
             cells.append(check_cell(all(checks) if checks else None))
             table.add_row(*cells)
         table.caption = (
             "spread = (max − min) / max over ranks: each rank's part comes from its own batch · "
-            "✓ same: the all-reduced .grad agrees on every rank · Σ local: on every rank the parts add up to "
+            "✓ / ✗: the all-reduced .grad agrees / differs across ranks · Σ local: on every rank the parts add up to "
             "the local .grad before the all-reduce"
         )
         table.caption_justify = "left"

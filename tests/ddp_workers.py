@@ -164,6 +164,7 @@ def scenario_unused(rank: int, find_unused: bool) -> dict[str, Any]:
         m = re.search(r"did not receive grad for rank \d+: ([\d ]+)", error)
         indices = [int(i) for i in m.group(1).split()] if m else None
     return {
+        "rows": _rows(t),
         "findings": [(f.code, f.message, f.data, f.site) for f in t.findings],
         "error": error,
         "error_indices": indices,

@@ -104,7 +104,7 @@ def test_gather_merges_ranks_on_rank_zero(ranks: list[dict[str, Any]]) -> None:
         assert norms == [ranks[r]["plain_stats"]["rows"][leaf["name"]]["parts"][0][1] for r in (0, 1)]
         assert norms[0] != norms[1]  # each rank has its own batch
         assert leaf["grad_norms"][0] == leaf["grad_norms"][1]
-    assert "merged over 2 ranks" in text and "✓ same" in text and "spread" in text
+    assert "merged over 2 ranks" in text and "✓" in text and "spread" in text
 
 
 def test_gather_flags_ranks_that_disagree(ranks: list[dict[str, Any]]) -> None:
@@ -112,7 +112,7 @@ def test_gather_flags_ranks_that_disagree(ranks: list[dict[str, Any]]) -> None:
     merged, text, disagreements = ranks[0]["desync"]["merged"]
     assert disagreements == ["module.head_a.weight"]
     assert [f["code"] for f in merged["findings"]] == ["GP722"]
-    assert "✗ differ" in text
+    assert "✗" in text
     assert ranks[1]["desync"]["rows"]["module.head_a.weight"]["check"] is False
     assert ranks[0]["desync"]["rows"]["module.head_a.weight"]["check"] is True
 
@@ -129,6 +129,7 @@ def test_unused_parameters_named_before_ddp_raises(ranks: list[dict[str, Any]]) 
         assert data["loss"] == "loss_a" and data["rank"] == r
         assert "module.head_b" in message and "find_unused_parameters" in message
         assert site.filename.endswith("ddp_workers.py") and "loss_a.backward()" in site.source
+        assert all(row["world"] is None for row in result["rows"].values())  # no all-reduce finished
 
 
 def test_unused_parameters_clean_twin(ranks: list[dict[str, Any]]) -> None:

@@ -183,21 +183,26 @@ class DdpPlugin:
             watched.sync = None
             if not sync:
                 continue
-            unused = []
+            reached, unused = [], []
             for index, (qual, param) in enumerate(watched.params):
                 state = self._state(trace, param)
                 if state is None:
                     continue
-                if not state.parts or state.parts[-1].record != record.index:
+                if state.parts and state.parts[-1].record == record.index:
+                    reached.append(state)
+                else:
                     unused.append((index, qual, state))
-                    continue
+            if unused and not ddp.find_unused_parameters and not getattr(ddp, "static_graph", False):
+                # the all-reduce never finishes: .grad stays local on every rank (NOTE [unused parameters])
+                self._local.clear()
+                trace.emit(self._unused_finding(trace, record, ddp, unused))
+                continue
+            for state in reached:
                 local = self._local.pop(id(state), None)
                 if local is not None and local[0] == record.index:
                     trace._ledger.on_reduced(
                         state, record, local[1], local[2], self.world, shared_version=bool(ddp.gradient_as_bucket_view)
                     )
-            if unused and not ddp.find_unused_parameters and not getattr(ddp, "static_graph", False):
-                trace.emit(self._unused_finding(trace, record, ddp, unused))
 
     def _unused_finding(
         self, trace: Trace, record: BackwardRecord, ddp: DistributedDataParallel, unused: list[tuple[int, str, Any]]
