@@ -22,7 +22,7 @@ import torch
 from gradprobe._ledger import _dot, _norms
 
 if TYPE_CHECKING:
-    from gradprobe._ledger import EpochStart, Leaf, Ledger, LeafState, PartStats
+    from gradprobe._ledger import EpochStart, Leaf, Ledger, LeafState, PartStats, Reduced
 
 __all__ = ["CarriedIn", "FinalGrad", "LeafBreakdown", "Part", "compute_breakdown", "snapshot_final"]
 
@@ -63,7 +63,7 @@ class CarriedIn:
 
     norm: float
     share: float | None
-    reason: Literal["trace_start", "modified"]  # there before the trace, or written outside backward
+    reason: Literal["trace_start", "modified", "allreduce"]  # before the trace, written outside backward, DDP
 
     def to_dict(self) -> dict[str, object]:
         return {"norm": _json_float(self.norm), "share": _json_float(self.share), "reason": self.reason}
@@ -80,6 +80,8 @@ class LeafBreakdown:
     grad_finite: bool | None
     check: bool | None  # the parts (+ carried in) add up to .grad; None when nothing to check
     note: str = ""
+    local_norm: float | None = None  # DDP: ‖local .grad‖ before the all-reduce (the parts add up to it)
+    world: int | None = None  # DDP: .grad is the average over this many ranks
 
     @property
     def reached(self) -> bool:
@@ -102,6 +104,8 @@ class LeafBreakdown:
             "grad_finite": self.grad_finite,
             "check": self.check,
             "note": self.note,
+            "local_norm": _json_float(self.local_norm),
+            "world": self.world,
         }
 
 
@@ -115,6 +119,7 @@ class FinalGrad:
     dots: dict[int, torch.Tensor]  # keep="tensors": <part or carried-in, G>, keyed by part position (-1)
     bitwise: bool | None  # keep="tensors": carried-in + parts, summed in order, torch.equal .grad
     freed: bool = False  # the leaf itself was garbage collected before the snapshot
+    reduced: Reduced | None = None  # DDP: .grad is the all-reduce's average; the parts sum to reduced.local
 
 
 def _json_float(x: float | None) -> float | str | None:
@@ -150,8 +155,15 @@ def _snapshot_leaf(ledger: Ledger, state: LeafState) -> FinalGrad:
         return FinalGrad(False, None, False, {}, None)
     after = state.after() if state.after is not None else None
     continuous = after is grad and grad._version == state.after_version
+    reduced = state.reduced if state.reduced is not None and state.reduced.epoch == state.epoch else None
+    if reduced is not None:  # NOTE [all-reduced .grad]: check the parts against the local .grad
+        continuous = reduced.holds(grad)
+    norm, _ = _norms(grad.detach())
+    if reduced is not None and continuous:
+        if reduced.local is None:
+            return FinalGrad(True, norm, True, {}, None, reduced=reduced)
+        grad = reduced.local
     grad = grad.detach()
-    norm, _ = _norms(grad)
     dots: dict[int, torch.Tensor] = {}
     bitwise = None
     if ledger.keep == "tensors" and continuous:
@@ -164,7 +176,7 @@ def _snapshot_leaf(ledger: Ledger, state: LeafState) -> FinalGrad:
             dots[i] = _dot(part.tensor, grad)
             total = part.tensor.clone() if total is None else total + part.tensor
         bitwise = total is not None and torch.equal(total, grad)
-    return FinalGrad(True, norm, continuous, dots, bitwise)
+    return FinalGrad(True, norm, continuous, dots, bitwise, reduced=reduced if continuous else None)
 
 
 def _read_back(tensors: list[torch.Tensor]) -> list[float]:
@@ -208,8 +220,9 @@ def compute_breakdown(ledger: Ledger, finals: list[FinalGrad]) -> list[LeafBreak
         part_t = [(values.ticket(p.norm), values.ticket(p.absmax), values.ticket(p.dot_before)) for p in state.parts]
         epoch_t = [values.ticket(e.norm) for e in state.epochs]
         final_t = values.ticket(final.norm)
+        local_t = values.ticket(final.reduced.local_norm if final.reduced is not None else None)
         dots_t = {k: values.ticket(v) for k, v in final.dots.items()}
-        tickets.append((part_t, epoch_t, final_t, dots_t))
+        tickets.append((part_t, epoch_t, final_t, local_t, dots_t))
     values.read()
     return [
         _assemble(ledger, state, final, values, *t) for state, final, t in zip(ledger.leaves, finals, tickets)
@@ -224,12 +237,15 @@ def _assemble(
     part_t: list[tuple[int, int, int]],
     epoch_t: list[int],
     final_t: int,
+    local_t: int,
     dots_t: dict[int, int],
 ) -> LeafBreakdown:
     norms = [values[t[0]] or 0.0 for t in part_t]
     absmaxes = [values[t[1]] for t in part_t]
     dots = [values[t[2]] for t in part_t]
     grad_norm = values[final_t]
+    local_norm = values[local_t]
+    summed_norm = local_norm if final.reduced is not None else grad_norm  # what the parts add up to
     last = state.epoch
     in_final = {i for i, _ in _last_epoch_parts(state)} if final.present and final.continuous else set()
     note = ""
@@ -252,7 +268,7 @@ def _assemble(
     carried_share: float | None = None
     if in_final:
         if ledger.keep == "tensors" and dots_t:
-            g2 = (grad_norm or 0.0) ** 2
+            g2 = (summed_norm or 0.0) ** 2
             if g2 > 0:
                 shares = {i: (values[dots_t[i]] or 0.0) / g2 for i in in_final}
                 carried_share = (values[dots_t[-1]] or 0.0) / g2 if -1 in dots_t else None
@@ -274,6 +290,11 @@ def _assemble(
         note = ".grad was modified outside backward after the last recorded part (zero_grad, clipping, p.grad.mul_)"
     else:
         check = final.bitwise if final.bitwise is not None else True
+        if final.reduced is not None:
+            note = (
+                "DDP: parts are this rank's local gradients and add up to the local .grad before the "
+                f"all-reduce; ‖.grad‖ is the average over {final.reduced.world} ranks"
+            )
 
     parts = []
     for i, part in enumerate(state.parts):
@@ -296,7 +317,8 @@ def _assemble(
             )
         )
     grad_finite = None if grad_norm is None else math.isfinite(grad_norm)
-    return LeafBreakdown(state.leaf, tuple(parts), carried, grad_norm, grad_finite, check, note)
+    world = final.reduced.world if final.reduced is not None else None
+    return LeafBreakdown(state.leaf, tuple(parts), carried, grad_norm, grad_finite, check, note, local_norm, world)
 
 
 def _stats_shares(

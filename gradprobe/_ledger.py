@@ -16,6 +16,15 @@
 # In keep="stats" mode a hook launches two or three reductions (norm, abs-max, dot with what .grad
 # held before) and keeps the 0-d results on the gradient's device. Nothing is read back to the host
 # until someone asks for numbers (breakdown/report/to_dict), and then all at once.
+
+# NOTE [all-reduced .grad]
+# Under DistributedDataParallel a leaf's hooks see this rank's local part; the post-accumulate hook
+# sees the local `.grad` (carried in + local parts); then DDP's reducer replaces `.grad` with the
+# average over ranks (an in-place copy, or the bucket view itself with gradient_as_bucket_view).
+# The DDP plugin reports that with `Ledger.on_reduced`: the epoch's parts are checked against the
+# local `.grad` it captured, `.grad` itself is the average, and the next part opens a new epoch that
+# carries the average in (reason "allreduce"). Identity is by storage (data_ptr), since a bucket
+# view's Python object does not survive, and its version counter is shared by the whole bucket.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import torch
 if TYPE_CHECKING:
     from gradprobe._sites import Site
 
-__all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats"]
+__all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats", "Reduced"]
 
 Kind = Literal["backward", "grad"]
 
@@ -130,6 +139,27 @@ class PartStats:
 
 
 @dataclass(eq=False)
+class Reduced:
+    """An all-reduce replaced `.grad` after the parts of ``epoch`` (see NOTE [all-reduced .grad])."""
+
+    epoch: int
+    record: int
+    world: int
+    local_norm: torch.Tensor  # norm of the local .grad before the all-reduce
+    local: torch.Tensor | None  # keep="tensors": a copy of it
+    ptr: int  # storage of the averaged .grad
+    version: int | None  # its _version, None when a shared bucket counter makes versions meaningless
+
+    def holds(self, grad: torch.Tensor | None) -> bool:
+        """Whether ``grad`` is still the averaged .grad the all-reduce left."""
+        return (
+            grad is not None
+            and grad.data_ptr() == self.ptr
+            and (self.version is None or grad._version == self.version)
+        )
+
+
+@dataclass(eq=False)
 class EpochStart:
     """What `.grad` held when an epoch began."""
 
@@ -137,7 +167,7 @@ class EpochStart:
     record: int  # the record whose part opened the epoch
     norm: torch.Tensor | None  # norm of the carried-in .grad (None: .grad was None)
     tensor: torch.Tensor | None  # keep="tensors": a copy of the carried-in .grad
-    reason: Literal["start", "trace_start", "reset", "modified"]
+    reason: Literal["start", "trace_start", "reset", "modified", "allreduce"]
 
 
 def _norms(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +198,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class LeafState:
     """Everything the ledger knows about one leaf; mutated only from its own hooks."""
 
-    __slots__ = ("leaf", "parts", "epochs", "after", "after_version")
+    __slots__ = ("leaf", "parts", "epochs", "after", "after_version", "reduced")
 
     def __init__(self, leaf: Leaf) -> None:
         self.leaf = leaf
@@ -176,6 +206,7 @@ class LeafState:
         self.epochs: list[EpochStart] = []
         self.after: weakref.ReferenceType[torch.Tensor] | None = None  # .grad left by AccumulateGrad
         self.after_version = -1
+        self.reduced: Reduced | None = None  # NOTE [all-reduced .grad]
 
     @property
     def epoch(self) -> int:
@@ -244,7 +275,30 @@ class Ledger:
         if state.parts:
             state.parts[-1].accumulated = True
 
+    def on_reduced(
+        self, state: LeafState, record: BackwardRecord, local_norm: torch.Tensor, local: torch.Tensor | None,
+        world: int, shared_version: bool,
+    ) -> None:
+        """An all-reduce replaced the leaf's local `.grad` by the average (NOTE [all-reduced .grad])."""
+        tensor = state.leaf.tensor
+        grad = tensor.grad if tensor is not None else None
+        if grad is None or state.epoch < 0:
+            return
+        version = None if shared_version else grad._version
+        state.reduced = Reduced(state.epoch, record.index, world, local_norm, local, grad.data_ptr(), version)
+        self.version += 1
+
     def _maybe_new_epoch(self, state: LeafState, record: BackwardRecord, before: torch.Tensor | None) -> None:
+        reduced = state.reduced
+        if reduced is not None and reduced.epoch == state.epoch:
+            if reduced.holds(before):
+                assert before is not None
+                norm, _ = _norms(before.detach())
+                kept = before.detach().clone() if self.keep == "tensors" else None
+                state.epochs.append(EpochStart(len(state.epochs), record.index, norm, kept, "allreduce"))
+                return
+            if before is not None:  # written after the all-reduce: the next checks treat it as modified
+                state.after = None
         after = state.after() if state.after is not None else None
         continuing = (
             before is not None

@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "report.breakdown": "gradprobe.report._sections:BreakdownSection",
     "report.findings": "gradprobe.report._sections:FindingsSection",
     "amp": "gradprobe.detectors.amp:AmpPlugin",
+    "ddp": "gradprobe.detectors.ddp:DdpPlugin",
 }
 
 _entry_point_cache: list[tuple[str, Any, str | None]] | None = None

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
     from torch.utils.hooks import RemovableHandle
 
+    from gradprobe._distributed import MergedTrace
     from gradprobe.findings import Finding
 
 __all__ = ["Trace", "trace"]
@@ -197,6 +198,17 @@ class Trace(TraceAssertions):
             "breakdown": [row.to_dict() for row in self.breakdown()],
             "findings": [f.to_dict() for f in self._findings],
         }
+
+    def gather(self, dst: int = 0, group: Any = None) -> MergedTrace | None:
+        """Merge all ranks' traces of a torch.distributed job on rank ``dst`` (a collective call).
+
+        Every rank must call it. Returns a :class:`~gradprobe._distributed.MergedTrace` on ``dst``
+        (``.report()`` prints per-rank part norms, their spread, and whether the all-reduced ``.grad``
+        agrees), None on the other ranks. Only small statistics travel (``gather_object``).
+        """
+        from gradprobe._distributed import gather_trace
+
+        return gather_trace(self, dst, group)
 
     def report(self, console: Console | None = None) -> None:
         """Print the report (calls, gradient breakdown, findings) to ``console`` (default: rich's)."""

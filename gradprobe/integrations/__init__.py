@@ -1,0 +1,1 @@
+"""Callbacks for training frameworks (each needs its framework installed: see the extras)."""

@@ -1,0 +1,88 @@
+"""PyTorch Lightning: ``GradProbeCallback`` traces every training step (``pip install gradprobe[lightning]``).
+
+Example::
+
+    from gradprobe.integrations.lightning import GradProbeCallback
+
+    trainer = lightning.Trainer(callbacks=[GradProbeCallback(every_n_steps=100)])
+
+Each training batch (``on_train_batch_start`` → ``on_train_batch_end``: forward, ``backward``,
+optimizer step) runs under its own trace of the LightningModule. Findings are logged as soon as the
+batch ends; the full report every ``every_n_steps`` optimizer steps. ``callback.last`` is the trace of
+the last batch, ``callback.findings`` every finding of the run as ``(step, finding)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from gradprobe.integrations._steps import StepTracer
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # the standalone package
+    try:
+        from pytorch_lightning import Callback  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError(
+            "gradprobe.integrations.lightning needs PyTorch Lightning: pip install 'gradprobe[lightning]' "
+            "(or pip install lightning)"
+        ) from exc
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from gradprobe._trace import Keep, Policy, Trace
+
+__all__ = ["GradProbeCallback"]
+
+
+class GradProbeCallback(Callback):  # type: ignore[misc]
+    """Trace each training batch; log findings at once and the report every ``every_n_steps`` steps.
+
+    Args:
+        every_n_steps: print the report when ``trainer.global_step`` is a multiple of this.
+        keep: ``trace(keep=...)`` for each step.
+        on_finding: ``"record"`` (default: log, never interrupt training), ``"warn"`` or ``"raise"``.
+        console: the rich console for reports (default: rich's).
+        log: a function taking one line of text for findings (default: print to ``console``).
+        plugins, disable: passed to each step's trace.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        *,
+        keep: Keep = "stats",
+        on_finding: Policy = "record",
+        console: Console | None = None,
+        log: Callable[[str], None] | None = None,
+        plugins: tuple[Any, ...] = (),
+        disable: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self._steps = StepTracer(every_n_steps, keep, on_finding, console, log, tuple(plugins), tuple(disable))
+
+    @property
+    def last(self) -> Trace | None:
+        return self._steps.last
+
+    @property
+    def findings(self) -> list[Any]:
+        return list(self._steps.findings)
+
+    @property
+    def reports(self) -> int:
+        return self._steps.reports
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._steps.begin(pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._steps.end(int(trainer.global_step))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._steps.close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._steps.close(exception)
