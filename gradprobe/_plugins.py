@@ -18,7 +18,7 @@ import importlib
 import importlib.metadata
 import inspect
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import pluggy
 
@@ -35,10 +35,18 @@ __all__ = ["BUILTIN_PLUGINS", "PluginHost"]
 
 # Built-in plugins, registered under these names (what `disable=[...]` takes), in this order.
 BUILTIN_PLUGINS: dict[str, str] = {
+    "freed_graph": "gradprobe.detectors.freed_graph:FreedGraph",
+    "nonleaf_grad": "gradprobe.detectors.nonleaf_grad:NonLeafGrad",
+    "inplace_saved": "gradprobe.detectors.inplace:InplaceSaved",
+    "stale_grad": "gradprobe.detectors.stale_grad:StaleGrad",
+    "unreached": "gradprobe.detectors.unreached:Unreached",
+    "nonfinite": "gradprobe.detectors.nonfinite:NonFinite",
     "report.calls": "gradprobe.report._sections:CallsSection",
     "report.breakdown": "gradprobe.report._sections:BreakdownSection",
     "report.findings": "gradprobe.report._sections:FindingsSection",
 }
+
+Detect = Union[str, "Iterable[str]"]
 
 _entry_point_cache: list[tuple[str, Any]] | None = None
 
@@ -59,6 +67,26 @@ def _load(spec: str) -> Any:
     return getattr(module, attr) if attr else module
 
 
+def _is_detector(spec: str) -> bool:
+    return spec.startswith("gradprobe.detectors.")
+
+
+def _chosen_detectors(detect: Detect) -> set[str]:
+    """Names of the built-in detectors ``trace(detect=...)`` selects."""
+    detectors = {name: spec for name, spec in BUILTIN_PLUGINS.items() if _is_detector(spec)}
+    if detect == "all":
+        return set(detectors)
+    if detect == "default":
+        return {name for name, spec in detectors.items() if getattr(_load(spec), "default", True)}
+    if isinstance(detect, str):
+        raise ValueError(f"trace(detect=...) must be 'default', 'all' or detector names, got {detect!r}")
+    chosen = set(detect)
+    unknown = chosen - set(detectors)
+    if unknown:
+        raise ValueError(f"trace(detect=...) names no detector called {sorted(unknown)}; the detectors are {sorted(detectors)}")
+    return chosen
+
+
 def _instantiate(plugin: Any) -> Any:
     return plugin() if inspect.isclass(plugin) else plugin
 
@@ -71,15 +99,20 @@ def _plugin_name(plugin: Any) -> str:
 class PluginHost:
     """Registers the built-in, entry-point and explicit plugins of one trace and calls them safely."""
 
-    def __init__(self, trace: Trace, plugins: Iterable[Any] = (), disable: Iterable[str] = ()) -> None:
+    def __init__(
+        self, trace: Trace, plugins: Iterable[Any] = (), disable: Iterable[str] = (), detect: Detect = "default"
+    ) -> None:
         self._trace = trace
         self.pm = pluggy.PluginManager("gradprobe")
         self.pm.add_hookspecs(hookspecs)
-        candidates: list[tuple[str, Any]] = [(name, spec) for name, spec in BUILTIN_PLUGINS.items()]
+        chosen = _chosen_detectors(detect)
+        candidates: list[tuple[str, Any]] = [
+            (name, spec) for name, spec in BUILTIN_PLUGINS.items() if name in chosen or not _is_detector(spec)
+        ]
         candidates += _entry_point_plugins()
         candidates += [(_plugin_name(p), p) for p in plugins]
         disabled = set(disable)
-        known = {name for name, _ in candidates}
+        known = set(BUILTIN_PLUGINS) | {name for name, _ in candidates}
         unknown = disabled - known
         if unknown:
             raise ValueError(
