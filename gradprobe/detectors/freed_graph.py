@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -58,12 +59,15 @@ class FreedGraph:
     def __init__(self) -> None:
         self._history: deque[_Freed] = deque(maxlen=16)
         self._pending: dict[int, _Freed] = {}
+        self._backwarded: dict[int, Any] = {}  # id(root) -> weakref: roots already backwarded
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
         roots = [r.grad_fn for r in call.roots if r.grad_fn is not None]
         if not roots:
             return
+        for root in call.roots:
+            self._backwarded[id(root)] = weakref.ref(root)
         nodes = nodes_to_run(roots, call.inputs, accumulate=call.kind == "backward")
         freed, live = [], []
         for node in nodes:
@@ -77,8 +81,6 @@ class FreedGraph:
             return
         if call.retain_graph or not live:
             return
-        import weakref
-
         leaves = {}
         for node in nodes:
             var = getattr(node, "variable", None)
@@ -100,6 +102,7 @@ class FreedGraph:
     def gradprobe_trace_end(self, trace: Trace) -> None:
         self._history.clear()
         self._pending.clear()
+        self._backwarded.clear()
 
     # -- GP101: this backward will raise -------------------------------------------------------
 
@@ -213,6 +216,9 @@ class FreedGraph:
         findings = []
         for name, t in candidates.values():
             if id(t) in root_ids or id(t.grad_fn) in in_graph:
+                continue
+            done = self._backwarded.get(id(t))
+            if done is not None and done() is t:
                 continue
             shared = next((n for n in iter_nodes([t.grad_fn]) if id(n) in will_free), None)
             if shared is None:

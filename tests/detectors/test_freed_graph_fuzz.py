@@ -1,0 +1,92 @@
+"""Differential test: gradprobe's "this backward will raise" prediction against PyTorch itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradprobe
+
+# (name, arity, function): some ops save tensors for backward, some do not
+OPS = [
+    ("add", 2, lambda x, y: x + y),  # AddBackward0: saves nothing
+    ("add_scalar", 1, lambda x: x + 1.5),
+    ("neg", 1, lambda x: -x),
+    ("clone", 1, lambda x: x.clone()),
+    ("view", 1, lambda x: x.view(3)),
+    ("mul", 2, lambda x, y: x * y),  # saves both inputs
+    ("mul_float", 1, lambda x: x * 2.0),  # saves the wrapped scalar only
+    ("sigmoid", 1, torch.sigmoid),  # saves its result
+    ("exp", 1, torch.exp),
+    ("tanh", 1, torch.tanh),
+    ("sin", 1, torch.sin),  # saves its input
+]
+
+op_specs = st.lists(
+    st.tuples(st.integers(0, len(OPS) - 1), st.integers(0, 10**6), st.integers(0, 10**6)), min_size=1, max_size=8
+)
+action = st.one_of(
+    st.tuples(st.just("backward"), st.integers(0, 10**6), st.booleans(), st.sampled_from(["none", "leaf", "node"])),
+    st.tuples(st.just("grad"), st.integers(0, 10**6), st.booleans(), st.sampled_from(["leaf", "node"])),
+    st.tuples(st.just("step"), st.integers(0, 10**6), st.booleans(), st.just("none")),
+)
+scenario = st.tuples(
+    op_specs,
+    st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["sum", "mean"])), min_size=1, max_size=3),
+    st.lists(action, min_size=1, max_size=6),
+)
+
+
+def run_scenario(ops, roots_spec, actions) -> None:
+    leaves = [torch.rand(3, requires_grad=True) for _ in range(3)]
+    mismatches = []
+    with gradprobe.trace(*leaves, on_finding="record") as t:
+        values = list(leaves)
+        for op_index, i, j in ops:
+            _, arity, fn = OPS[op_index]
+            args = [values[i % len(values)], values[j % len(values)]][:arity]
+            values.append(fn(*args))
+        inner = values[len(leaves):]
+        roots = [getattr(values[len(leaves) + k % len(inner)], how)() for k, how in roots_spec]
+        for kind, k, retain, target in actions:
+            if kind == "step":
+                with torch.no_grad():
+                    leaves[k % 3].add_(0.1)
+                continue
+            root = roots[k % len(roots)]
+            inputs = None
+            if target == "leaf":
+                inputs = [leaves[k % 3]]
+            elif target == "node":
+                inputs = [inner[k % len(inner)]]
+            before = len(t.findings)
+            try:
+                if kind == "grad":
+                    torch.autograd.grad(root, inputs, retain_graph=retain, allow_unused=True)
+                else:
+                    root.backward(inputs=inputs, retain_graph=retain)
+                error = None
+            except RuntimeError as exc:
+                error = str(exc)
+            predicted = any(f.code == "GP101" for f in t.findings[before:])
+            freed_error = error is not None and "second time" in error
+            if predicted and error is None or freed_error and not predicted:
+                mismatches.append((kind, k, retain, target, predicted, error))
+    assert not mismatches, mismatches
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario)
+def test_prediction_matches_pytorch(case) -> None:
+    """Every predicted GP101 is followed by a PyTorch error, and every freed-graph error was predicted."""
+    run_scenario(*case)
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario)
+def test_prediction_matches_pytorch_many(case) -> None:
+    """The same differential test, thousands of examples."""
+    run_scenario(*case)
