@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "stale_grad": "gradprobe.detectors.stale_grad:StaleGrad",
     "unreached": "gradprobe.detectors.unreached:Unreached",
     "nonfinite": "gradprobe.detectors.nonfinite:NonFinite",
+    "nonfinite_modules": "gradprobe.detectors.nonfinite:NonFiniteModules",
     "report.calls": "gradprobe.report._sections:CallsSection",
     "report.breakdown": "gradprobe.report._sections:BreakdownSection",
     "report.findings": "gradprobe.report._sections:FindingsSection",

@@ -1,5 +1,106 @@
-"""stub"""
+"""GP401 / GP402 ``stale_grad``: gradients summed across optimizer steps without ``zero_grad()``.
+
+# NOTE [stale gradients]
+# The ledger remembers, per leaf, which `.grad` tensor (and which `_version` of it) AccumulateGrad
+# left. After each backward the detector also notes each leaf's own `_version`. At the next backward,
+# a leaf whose value changed in place since (an optimizer step) while its `.grad` is still exactly
+# what the last backward left has not been zeroed: this backward adds to a stale gradient (GP401).
+# Deliberate accumulation over micro-batches runs several backwards with no step in between and one
+# step after, then zero_grad(): no leaf changes between those backwards, so nothing is flagged.
+# `.grad` already non-zero when the trace started (and not reset before the first backward) is read
+# from the breakdown at the end (GP402).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gradprobe.findings import Finding
+from gradprobe.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from gradprobe._calls import BackwardCall
+    from gradprobe._ledger import BackwardRecord
+    from gradprobe._trace import Trace
+
+__all__ = ["StaleGrad"]
 
 
 class StaleGrad:
-    default = False
+    """A backward that adds to gradients left over from before an optimizer step."""
+
+    default = True
+    gradprobe_name = "stale_grad"
+
+    def __init__(self) -> None:
+        self._versions: dict[int, int] = {}  # leaf index -> leaf._version after the last backward
+        self._flagged = False
+
+    @hookimpl
+    def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
+        if self._flagged or call.kind != "backward" or not self._versions:
+            return
+        stale = []
+        for state in trace._ledger.leaves:
+            tensor = state.leaf.tensor
+            seen = self._versions.get(state.leaf.index)
+            if tensor is None or seen is None or tensor._version == seen:
+                continue
+            grad = tensor.grad
+            after = state.after() if state.after is not None else None
+            if grad is not None and grad is after and grad._version == state.after_version:
+                stale.append(state.leaf.name)
+        if stale:
+            self._flagged = True  # once per trace: a training loop would repeat it every step
+            shown = ", ".join(f"`{n}`" for n in stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+            trace.emit(
+                Finding(
+                    code="GP401",
+                    kind="stale_grad",
+                    severity="warning",
+                    message=(
+                        f"{call.name} adds to gradients left from before an optimizer step: {shown} changed in "
+                        "place (optimizer.step()?) since their .grad was last accumulated, and .grad was not reset"
+                    ),
+                    site=call.site,
+                    fix="call optimizer.zero_grad() (or model.zero_grad()) after each optimizer.step(); to "
+                    "accumulate over micro-batches, step only after the last of them",
+                    plugin="stale_grad",
+                    data={"leaves": stale},
+                )
+            )
+
+    @hookimpl
+    def gradprobe_after_backward(self, trace: Trace, record: BackwardRecord, error: BaseException | None) -> None:
+        if record.kind != "backward":
+            return
+        for state in trace._ledger.leaves:
+            tensor = state.leaf.tensor
+            if tensor is not None:
+                self._versions[state.leaf.index] = tensor._version
+
+    @hookimpl
+    def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
+        carried = [
+            row.leaf.name
+            for row in trace.breakdown()
+            if row.carried_in is not None and row.carried_in.reason == "trace_start" and row.carried_in.norm > 0
+        ]
+        if not carried:
+            return []
+        shown = ", ".join(f"`{n}`" for n in carried[:4]) + (f" and {len(carried) - 4} more" if len(carried) > 4 else "")
+        first = trace.records[0] if trace.records else None
+        return [
+            Finding(
+                code="GP402",
+                kind="stale_grad",
+                severity="warning",
+                message=f".grad of {shown} was already non-zero when the trace started; the first backward added to it",
+                site=first.site if first else None,
+                fix="call optimizer.zero_grad() before the first backward (or deliberately keep what .grad held)",
+                plugin="stale_grad",
+                data={"leaves": carried},
+            )
+        ]
