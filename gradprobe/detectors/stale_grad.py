@@ -4,7 +4,10 @@
 # The ledger remembers, per leaf, which `.grad` tensor (and which `_version` of it) AccumulateGrad
 # left. After each backward the detector also notes each leaf's own `_version`. At the next backward,
 # a leaf whose value changed in place since (an optimizer step) while its `.grad` is still exactly
-# what the last backward left has not been zeroed: this backward adds to a stale gradient (GP401).
+# what the last backward left has not been zeroed. When that last backward was made on the same line
+# as this one (a training loop's next step), this backward adds to a stale gradient (GP401). A
+# different line is not flagged: in a GAN step, the generator's loss adding to the discriminator's
+# .grad after the discriminator stepped is harmless once the next D step zeroes it.
 # Deliberate accumulation over micro-batches runs several backwards with no step in between and one
 # step after, then zero_grad(): no leaf changes between those backwards, so nothing is flagged.
 # `.grad` already non-zero when the trace started (and not reset before the first backward) is read
@@ -50,7 +53,10 @@ class StaleGrad:
                 continue
             grad = tensor.grad
             after = state.after() if state.after is not None else None
-            if grad is not None and grad is after and grad._version == state.after_version:
+            if grad is None or grad is not after or grad._version != state.after_version or not state.parts:
+                continue
+            last = trace.records[state.parts[-1].record]
+            if last.site == call.site:  # the same loss again, a step later: a loop missing zero_grad()
                 stale.append(state.leaf.name)
         if stale:
             self._flagged = True  # once per trace: a training loop would repeat it every step
