@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import linecache
+import math
 import re
+import weakref
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +17,55 @@ from gradprobe._sites import Site
 if TYPE_CHECKING:
     from types import FrameType
 
-__all__ = ["assignment_site", "op_name", "tensors_in_frame"]
+    from gradprobe._trace import Trace
+
+__all__ = ["LedgerFacts", "assignment_site", "ledger_facts", "op_name", "tensors_in_frame"]
+
+_FACTS: weakref.WeakKeyDictionary[Any, tuple[int, LedgerFacts]] = weakref.WeakKeyDictionary()
+
+
+class LedgerFacts:
+    """What the end-of-trace detectors need from the device, read back in one transfer.
+
+    ``finite[leaf index]``: (record index, finite?) per part; ``carried[leaf index]``: the norm of
+    the ``.grad`` a leaf already held when the trace started (only leaves where it did).
+    """
+
+    def __init__(self, finite: dict[int, list[tuple[int, bool]]], carried: dict[int, float]) -> None:
+        self.finite = finite
+        self.carried = carried
+
+
+def ledger_facts(trace: Trace) -> LedgerFacts:
+    """Part finiteness and carried-in norms of every leaf, cached per ledger state (not the full breakdown)."""
+    from gradprobe._breakdown import _read_back
+
+    version = trace._ledger.version
+    cached = _FACTS.get(trace)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    tensors: list[torch.Tensor] = []
+    where: list[tuple[str, int, int]] = []
+    for state in trace._ledger.leaves:
+        for part in state.parts:
+            tensors.append(part.norm)
+            where.append(("part", state.leaf.index, part.record))
+        first = state.epochs[0] if state.epochs else None
+        if first is not None and first.reason == "trace_start" and first.norm is not None:
+            tensors.append(first.norm)
+            where.append(("carried", state.leaf.index, -1))
+    values = _read_back(tensors) if tensors else []
+    finite: dict[int, list[tuple[int, bool]]] = {}
+    carried: dict[int, float] = {}
+    for (kind, leaf, record), value in zip(where, values):
+        if kind == "part":
+            finite.setdefault(leaf, []).append((record, math.isfinite(value)))
+        else:
+            carried[leaf] = value
+    facts = LedgerFacts(finite, carried)
+    _FACTS[trace] = (version, facts)
+    return facts
+
 
 # grad_fn type name (without the Backward<N> suffix) -> what the user wrote
 _OPS = {

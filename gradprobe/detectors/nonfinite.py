@@ -7,7 +7,7 @@
 # `NonFiniteModules` (detect="all" or detect=[..., "nonfinite_modules"]) adds module attribution: a
 # global module forward hook registers plain tensor hooks on each module's inputs and outputs (not
 # register_full_backward_hook, which breaks on in-place ops after a module). Each tensor hook only
-# launches `isfinite(grad).all()` and keeps the 0-d flag on the device with a sequence number; all
+# launches one reduction (the inf-norm of the gradient) and keeps the 0-d flag on the device with a sequence number; all
 # flags are read back at once when the trace ends. The first module whose input gradient is
 # non-finite while its output gradient was finite produced the NaN/Inf (GP602).
 """
@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradprobe._sites import user_frame
+from gradprobe.detectors._common import ledger_facts
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
 
@@ -41,9 +43,15 @@ class NonFinite:
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
-        rows = trace.breakdown()
+        facts = ledger_facts(trace)
+        names = {state.leaf.index: state.leaf.name for state in trace._ledger.leaves}
+        bad_by_record: dict[int, list[str]] = {}
+        for leaf, parts in facts.finite.items():
+            for record_index, finite in parts:
+                if not finite:
+                    bad_by_record.setdefault(record_index, []).append(names[leaf])
         for record in trace.records:
-            bad = [row.leaf.name for row in rows if (p := row.part(record.index)) is not None and not p.finite]
+            bad = bad_by_record.get(record.index)
             if bad:
                 shown = ", ".join(f"`{n}`" for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
                 return [
@@ -71,8 +79,9 @@ class NonFiniteModules:
     def __init__(self) -> None:
         self._handle: RemovableHandle | None = None
         self._names: dict[int, str] = {}
-        # (record, seq, module, side, id of the watched tensor, flag)
-        self._flags: list[tuple[int, int, str, str, int, torch.Tensor]] = []
+        # (record, seq, [(module, side), ...] of the watched tensor, flag)
+        self._flags: list[tuple[int, int, list[tuple[str, str]], torch.Tensor]] = []
+        self._watched: dict[int, tuple[Any, list[tuple[str, str]]]] = {}  # id(tensor) -> (weakref, roles)
         self._seq = itertools.count()
 
     @hookimpl
@@ -87,26 +96,41 @@ class NonFiniteModules:
         def on_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
             if trace._muted or not torch.is_grad_enabled():
                 return
+            if isinstance(module, _CONTAINERS):
+                return  # its inputs and outputs are its children's
             name = self._names.get(id(module)) or type(module).__name__
             for side, value in (("in", args), ("out", output)):
                 for tensor in _tensors(value):
-                    if tensor.requires_grad:
-                        tensor.register_hook(self._watch(trace, name, side, id(tensor)))
+                    if not tensor.requires_grad:
+                        continue
+                    # one hook per tensor: a module's output is usually the next module's input
+                    entry = self._watched.get(id(tensor))
+                    if entry is not None and entry[0]() is tensor:
+                        entry[1].append((name, side))
+                        continue
+                    roles = [(name, side)]
+                    self._watched[id(tensor)] = (weakref.ref(tensor), roles)
+                    tensor.register_hook(self._watch(trace, roles))
 
         self._handle = torch.nn.modules.module.register_module_forward_hook(on_forward)
 
-    def _watch(self, trace: Trace, module: str, side: str, key: int) -> Any:
+    def _watch(self, trace: Trace, roles: list[tuple[str, str]]) -> Any:
         def hook(grad: torch.Tensor) -> None:
             if trace._muted:
                 return
-            with torch.no_grad():
-                flag = torch.isfinite(grad).all()
-            self._flags.append((trace._record_for_task().index, next(self._seq), module, side, key, flag))
+            with torch.no_grad():  # one reduction; NaN/Inf anywhere makes it non-finite
+                flag = torch.linalg.vector_norm(grad, ord=float("inf"))
+            self._flags.append((trace._record_for_task().index, next(self._seq), roles, flag))
 
         return hook
 
     @hookimpl
+    def gradprobe_before_backward(self, trace: Trace, call: Any) -> None:
+        self._watched.clear()  # the next forward makes new tensors; registered hooks keep their roles
+
+    @hookimpl
     def gradprobe_trace_end(self, trace: Trace) -> None:
+        self._watched.clear()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -115,16 +139,17 @@ class NonFiniteModules:
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
         if not self._flags:
             return []
-        values = torch.stack([f[5].to("cpu") for f in self._flags]).tolist()
+        import math
+
+        values = [math.isfinite(v) for v in torch.stack([f[3].double() for f in self._flags]).cpu().tolist()]
         flags, self._flags = self._flags, []
         ordered = sorted(zip(flags, values), key=lambda fv: (fv[0][0], fv[0][1]))
-        for (record, _, module, side, key, _), ok in ordered:
+        for (record, _, roles, _), ok in ordered:
             if ok:
                 continue
-            # the same tensor is one module's output and the next one's input: the consumer produced it
-            consumer = next((f[2] for f, _ in ordered if f[0] == record and f[4] == key and f[3] == "in"), None)
-            if side == "out" and consumer is not None:
-                module, side = consumer, "in"
+            # a tensor that is some module's input: that module (its consumer) turned a finite
+            # gradient into a non-finite one; only an output: the gradient came in non-finite
+            module, side = next(((m, s) for m, s in roles if s == "in"), roles[-1])
             rec = trace.records[record] if record < len(trace.records) else None
             loss = f"`{rec.name}`" if rec else "a backward"
             if side == "in":
@@ -152,6 +177,9 @@ class NonFiniteModules:
                 )
             ]
         return []
+
+
+_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from gradprobe.detectors._common import ledger_facts
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
 
@@ -89,11 +90,8 @@ class StaleGrad:
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
-        carried = [
-            row.leaf.name
-            for row in trace.breakdown()
-            if row.carried_in is not None and row.carried_in.reason == "trace_start" and row.carried_in.norm > 0
-        ]
+        facts = ledger_facts(trace)
+        carried = [state.leaf.name for state in trace._ledger.leaves if facts.carried.get(state.leaf.index, 0.0) != 0.0]
         if not carried:
             return []
         shown = ", ".join(f"`{n}`" for n in carried[:4]) + (f" and {len(carried) - 4} more" if len(carried) > 4 else "")

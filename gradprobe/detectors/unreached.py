@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import linecache
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gradprobe._sites import Site, name_in_frame, user_frame
 from gradprobe.findings import Finding, RelatedSite
@@ -156,9 +156,9 @@ class Unreached:
         records = [r for r in trace.records if r.accumulates]
         if not records or trace.every_leaf:
             return []
-        rows = trace.breakdown()
+        leaves = trace._ledger.leaves
         findings = []
-        missed = [row.leaf.name for row in rows if not row.parts]
+        missed = [state.leaf.name for state in leaves if not state.parts and _wants_grad(state)]
         if missed:
             shown = ", ".join(f"`{n}`" for n in missed[:6]) + (f" and {len(missed) - 6} more" if len(missed) > 6 else "")
             findings.append(Finding(
@@ -173,10 +173,12 @@ class Unreached:
                 data={"leaves": missed},
             ))
         if len(trace.records) > 1:
-            reached_by_any = {row.leaf.index for row in rows if row.parts}
+            reached = {state.leaf.index: {p.record for p in state.parts} for state in leaves if state.parts}
             for record in trace.records:
                 not_here = [
-                    row.leaf.name for row in rows if row.leaf.index in reached_by_any and row.part(record.index) is None
+                    state.leaf.name
+                    for state in leaves
+                    if state.leaf.index in reached and record.index not in reached[state.leaf.index]
                 ]
                 if not_here:
                     shown = ", ".join(f"`{n}`" for n in not_here[:6]) + ("…" if len(not_here) > 6 else "")
@@ -192,3 +194,8 @@ class Unreached:
         return findings
 
 
+
+
+def _wants_grad(state: Any) -> bool:
+    tensor = state.leaf.tensor
+    return tensor is None or tensor.requires_grad
