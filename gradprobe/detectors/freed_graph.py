@@ -60,6 +60,7 @@ class FreedGraph:
         self._history: deque[_Freed] = deque(maxlen=16)
         self._pending: dict[int, _Freed] = {}
         self._backwarded: dict[int, Any] = {}  # id(root) -> weakref: roots already backwarded
+        self._warned: set[tuple[str, Site | None]] = set()  # GP102 once per (other loss, line)
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
@@ -167,6 +168,8 @@ class FreedGraph:
     ) -> str:
         rec = earlier.record if earlier is not None else None
         where = f" at {rec.site}" if rec is not None and rec.site is not None else ""
+        if is_augmented(frame, call.name):
+            return _running_total(call.name, rec.name if rec else "loss")
         stepped = _changed_leaves(trace, earlier)
         step_note = (
             f" An in-place update (optimizer.step()?) changed {', '.join(stepped[:3])} since that backward, so "
@@ -220,9 +223,12 @@ class FreedGraph:
             done = self._backwarded.get(id(t))
             if done is not None and done() is t:
                 continue
+            if (name, call.site) in self._warned:
+                continue
             shared = next((n for n in iter_nodes([t.grad_fn]) if id(n) in will_free), None)
             if shared is None:
                 continue
+            self._warned.add((name, call.site))
             findings.append(self._warning(call, frame, name, shared))
         return findings
 
@@ -243,12 +249,21 @@ class FreedGraph:
             site=call.site,
             related=tuple(related),
             fix=(
-                f"pass retain_graph=True here, or add the losses and call backward once "
+                _running_total(other, call.name)
+                if is_augmented(frame, other)
+                else f"pass retain_graph=True here, or add the losses and call backward once "
                 f"(`({call.name} + {other}).backward()`)"
             ),
             plugin="freed_graph",
             data={"other": other, "node": type(shared).__name__},
         )
+
+
+def _running_total(total: str, loss: str) -> str:
+    return (
+        f"`{total}` is a running total that keeps every step's graph alive: accumulate a number, "
+        f"`{total} += {loss}.item()` (or `{loss}.detach()`), and backward each loss on its own"
+    )
 
 
 def _call_text(name: str, kind: str) -> str:

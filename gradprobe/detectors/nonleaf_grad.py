@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import linecache
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from gradprobe._sites import Site, name_in_frame, user_frame
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["NonLeafGrad"]
 
-_READS: dict[Any, dict[str, list[int]]] = {}
+_READS: weakref.WeakKeyDictionary[Any, dict[str, list[int]]] = weakref.WeakKeyDictionary()
 
 
 def _grad_reads(code: CodeType) -> dict[str, list[int]]:

@@ -105,6 +105,14 @@ class Unreached:
     default = True
     gradprobe_name = "unreached"
 
+    def __init__(self) -> None:
+        self._failed: set[int] = set()  # records whose backward raised
+
+    @hookimpl
+    def gradprobe_after_backward(self, trace: Trace, record: Any, error: BaseException | None) -> None:
+        if error is not None:
+            self._failed.add(record.index)
+
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
         for root in call.roots:
@@ -173,12 +181,13 @@ class Unreached:
                 data={"leaves": missed},
             ))
         if len(trace.records) > 1:
-            reached = {state.leaf.index: {p.record for p in state.parts} for state in leaves if state.parts}
+            params = [state for state in leaves if state.parts and state.leaf.module is not None]
+            reached = {state.leaf.index: {p.record for p in state.parts} for state in params}
             for record in trace.records:
+                if record.index in self._failed or not any(record.index in r for r in reached.values()):
+                    continue  # a failed backward, or one that reached no parameter (reported above)
                 not_here = [
-                    state.leaf.name
-                    for state in leaves
-                    if state.leaf.index in reached and record.index not in reached[state.leaf.index]
+                    state.leaf.name for state in params if record.index not in reached[state.leaf.index]
                 ]
                 if not_here:
                     shown = ", ".join(f"`{n}`" for n in not_here[:6]) + ("…" if len(not_here) > 6 else "")

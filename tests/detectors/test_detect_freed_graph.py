@@ -159,6 +159,45 @@ def test_gan_discriminator_step_with_detach_is_clean() -> None:
     assert codes(gan_step(detach=True)) == []
 
 
+def test_running_total_of_losses() -> None:
+    """`total_loss += loss` keeps each step's graph: warned once at the loss backward, fix says `.item()`."""
+    m = nn.Linear(3, 1)
+    with gradprobe.trace(m, on_finding="record") as t:
+        total_loss = 0
+        for _ in range(3):
+            loss = m(torch.rand(2, 3)).pow(2).mean()
+            total_loss += loss
+            loss.backward()
+        with pytest.raises(RuntimeError, match="second time"):
+            total_loss.backward()
+    assert codes(t) == ["GP102", "GP101"]
+    assert all("total_loss += loss.item()" in f.fix for f in problems(t))
+
+
+def test_running_total_of_numbers_is_clean() -> None:
+    """`total_loss += loss.item()` gives no finding."""
+    m = nn.Linear(3, 1)
+    with gradprobe.trace(m, on_finding="record") as t:
+        total_loss = 0.0
+        for _ in range(3):
+            loss = m(torch.rand(2, 3)).pow(2).mean()
+            total_loss += loss.item()
+            loss.backward()
+    assert codes(t) == []
+
+
+def test_named_root_outside_the_frame_is_warned_about() -> None:
+    """A loss named with t.name (not a local of the backward's frame) still gets the early warning."""
+    a = torch.rand(3, requires_grad=True)
+    with gradprobe.trace(a, on_finding="record") as t:
+        c = a.exp()
+        holder = {"aux": t.name(c.mean(), "aux")}
+        c.sum().backward()
+    (finding,) = problems(t)
+    assert finding.code == "GP102" and "`aux`" in finding.message
+    del holder
+
+
 def test_warn_policy_points_at_user_line() -> None:
     """The warning is attributed to the user's file and line, not to torch or gradprobe."""
     a = torch.rand(2, requires_grad=True)
