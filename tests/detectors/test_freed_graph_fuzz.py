@@ -39,10 +39,14 @@ scenario = st.tuples(
 )
 
 
-def run_scenario(ops, roots_spec, actions) -> None:
+def execute(ops, roots_spec, actions, detect=None):
+    """Run one scenario, traced with ``detect`` (None: untraced); outcomes, final grads, findings per action."""
+    torch.manual_seed(0)
     leaves = [torch.rand(3, requires_grad=True) for _ in range(3)]
-    mismatches = []
-    with gradprobe.trace(*leaves, on_finding="record") as t:
+    outcomes, predictions = [], []
+    context = gradprobe.trace(*leaves, on_finding="record", detect=detect) if detect is not None else None
+    t = context.__enter__() if context is not None else None
+    try:
         values = list(leaves)
         for op_index, i, j in ops:
             _, arity, fn = OPS[op_index]
@@ -61,26 +65,42 @@ def run_scenario(ops, roots_spec, actions) -> None:
                 inputs = [leaves[k % 3]]
             elif target == "node":
                 inputs = [inner[k % len(inner)]]
-            before = len(t.findings)
+            before = len(t.findings) if t is not None else 0
             try:
                 if kind == "grad":
                     torch.autograd.grad(root, inputs, retain_graph=retain, allow_unused=True)
                 else:
                     root.backward(inputs=inputs, retain_graph=retain)
-                error = None
+                outcomes.append(None)
             except RuntimeError as exc:
-                error = str(exc)
-            predicted = any(f.code == "GP101" for f in t.findings[before:])
-            freed_error = error is not None and "second time" in error
-            if predicted and error is None or freed_error and not predicted:
-                mismatches.append((kind, k, retain, target, predicted, error))
-    assert not mismatches, mismatches
+                outcomes.append("freed" if "second time" in str(exc) else "inplace" if "inplace" in str(exc) else "other")
+            predictions.append(t is not None and any(f.code == "GP101" for f in t.findings[before:]))
+    finally:
+        if context is not None:
+            context.__exit__(None, None, None)
+    return outcomes, [leaf.grad for leaf in leaves], predictions
+
+
+def run_scenario(ops, roots_spec, actions) -> None:
+    plain, plain_grads, _ = execute(ops, roots_spec, actions)
+    for detect in ("default", "all"):
+        outcomes, grads, predictions = execute(ops, roots_spec, actions, detect)
+        # gradprobe changes nothing: same errors (its own version check stands in for PyTorch's) and
+        # bitwise identical gradients
+        assert outcomes == plain, (detect, outcomes, plain)
+        for g, p in zip(grads, plain_grads):
+            assert (g is None and p is None) or (g is not None and p is not None and torch.equal(g, p))
+        # "will raise" predicted exactly when PyTorch raises its freed-graph error (or raises at all)
+        for predicted, outcome in zip(predictions, outcomes):
+            assert not (predicted and outcome is None), (detect, predictions, outcomes)
+            assert not (outcome == "freed" and not predicted), (detect, predictions, outcomes)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario)
 def test_prediction_matches_pytorch(case) -> None:
-    """Every predicted GP101 is followed by a PyTorch error, and every freed-graph error was predicted."""
+    """Every predicted GP101 is followed by a PyTorch error, every freed-graph error was predicted, and
+    tracing (default or every detector) changes neither the errors nor the gradients."""
     run_scenario(*case)
 
 
