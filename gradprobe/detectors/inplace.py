@@ -90,8 +90,9 @@ class InplaceSaved:
         grad_fn = tensor.grad_fn
         saved = _Saved(alias, user_site(2), type(grad_fn).__name__ if grad_fn is not None else "")
         saved.ref = weakref.ref(tensor)
-        key = alias.untyped_storage().data_ptr()
-        self._by_storage.setdefault(key, []).append(weakref.ref(saved))
+        key = _storage_key(alias)
+        if key is not None:
+            self._by_storage.setdefault(key, []).append(weakref.ref(saved))
         self._packs += 1
         if self._packs % 4096 == 0:
             self._sweep()
@@ -148,7 +149,7 @@ class InplaceSaved:
             self._resolve(trace)
         name = getattr(func, "__name__", str(func))
         for tensor in tensors:
-            refs = self._by_storage.get(tensor.untyped_storage().data_ptr())
+            refs = self._by_storage.get(_storage_key(tensor))
             if not refs:
                 continue
             for ref in refs:
@@ -237,6 +238,14 @@ class InplaceSaved:
             plugin="inplace_saved",
             data={"func": func},
         )
+
+
+def _storage_key(tensor: torch.Tensor) -> int | None:
+    """Address of the memory a tensor lives in (None for sparse / nested tensors without one storage)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
 
 
 def _tracks_version(tensor: torch.Tensor) -> bool:

@@ -35,10 +35,11 @@ _READS: weakref.WeakKeyDictionary[Any, dict[str, list[int]]] = weakref.WeakKeyDi
 
 
 def _grad_reads(code: CodeType) -> dict[str, list[int]]:
-    """``NAME.grad`` loads in the source of ``code``'s file within its lines: name -> line numbers."""
+    """``NAME.grad`` loads on the lines of ``code`` itself (not nested functions): name -> line numbers."""
     cached = _READS.get(code)
     if cached is not None:
         return cached
+    own_lines = {line for _, _, line in code.co_lines() if line is not None}
     found: dict[str, list[int]] = {}
     source = "".join(linecache.getlines(code.co_filename))
     try:
@@ -52,6 +53,7 @@ def _grad_reads(code: CodeType) -> dict[str, list[int]]:
                 and node.attr == "grad"
                 and isinstance(node.ctx, ast.Load)
                 and isinstance(node.value, ast.Name)
+                and node.lineno in own_lines
             ):
                 found.setdefault(node.value.id, []).append(node.lineno)
     _READS[code] = found

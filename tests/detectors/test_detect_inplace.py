@@ -116,3 +116,46 @@ def test_raise_policy_raises_at_the_write() -> None:
         with gradprobe.trace(w, detect="all", on_finding="raise"):
             z = w.sigmoid()
             z.add_(1)
+
+
+class WriteLog:
+    """Records which functions the interceptor reports as in-place writes."""
+
+    def __init__(self) -> None:
+        self.funcs: list[str] = []
+
+    @gradprobe.hookimpl
+    def gradprobe_inplace_write(self, trace, tensors, func, site) -> None:
+        self.funcs.append(getattr(func, "__name__", str(func)))
+
+
+def test_interceptor_sees_these_writes() -> None:
+    """PyTorch facts this detector rests on: these writes reach the TorchFunctionMode as in-place calls."""
+    import torch.nn.functional as F
+
+    log = WriteLog()
+    p = nn.Parameter(torch.rand(3))
+    p.grad = torch.ones(3)
+    with gradprobe.trace(detect=[], plugins=[log]):
+        x = torch.rand(3)
+        x += 1
+        x[x > 1.5] = 0
+        torch._foreach_add_([x], [x])
+        F.relu(x, inplace=True)
+        F.dropout(x, 0.5, True, True)  # `inplace` given by position, as nn.Dropout does
+        F.relu(x)  # not a write
+        p.data.add_(1)
+        torch.optim.SGD([p], lr=0.1, foreach=True).step()
+    assert log.funcs[:6] == ["add_", "__setitem__", "_foreach_add_", "relu", "dropout", "add_"]
+    assert "_foreach_add_" in log.funcs[6:]
+
+
+def test_foreach_optimizer_step_on_saved_parameter() -> None:
+    """A foreach optimizer step (`_foreach_add_` over the parameters) is caught like a plain one."""
+    m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, foreach=True)
+    with traced(m) as t:
+        out = m(torch.rand(2, 3))
+        out.sum().backward(retain_graph=True)
+        opt.step()
+    assert codes(t)[:1] == ["GP301"] and "_foreach_add_" in t.findings[0].message

@@ -206,6 +206,7 @@ def test_detect_selects_detectors() -> None:
     assert [n for n in only if n in detectors] == ["nonleaf_grad"]
     assert "nonfinite" not in gradprobe.trace(disable=["nonfinite"]).plugin_names
     assert "inplace_saved" not in gradprobe.trace(detect="all", disable=["inplace_saved"]).plugin_names
+    assert "inplace_saved" not in gradprobe.trace(disable=["inplace_saved"]).plugin_names  # off anyway: no error
     with pytest.raises(ValueError, match="no detector"):
         gradprobe.trace(detect=["nope"])
     with pytest.raises(ValueError):
