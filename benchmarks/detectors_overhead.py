@@ -108,19 +108,19 @@ def run(model: nn.Module, loss_fn: Any, opt: torch.optim.Optimizer, mode: str, s
 MODES = ["untraced", "core", "default", "all", "anomaly"]
 
 
-def measure(name: str, repeats: int, steps: int, scope: str) -> dict[str, float]:
+def measure(name: str, repeats: int, steps: int, scope: str, modes: list[str]) -> dict[str, float]:
     torch.manual_seed(0)
     model, loss_fn = MODELS[name]()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in modes}
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anomaly mode announces itself
-        for mode in MODES:  # warm up
+        for mode in modes:  # warm up
             run(model, loss_fn, opt, mode, 2, scope)
         for _ in range(repeats):
-            for mode in MODES:
+            for mode in modes:
                 start = time.perf_counter()
                 run(model, loss_fn, opt, mode, steps, scope)
                 times[mode].append((time.perf_counter() - start) / steps)
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--modes", nargs="*", default=MODES, choices=MODES, help="untraced is always timed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steady)")
     parser.add_argument(
         "--scope", choices=["step", "loop"], default="loop",
@@ -143,13 +144,15 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} x {args.steps} steps, "
         f"scope={args.scope}"
     )
-    header = f"{'model':12} {'untraced':>9} " + " ".join(f"{m:>8}" for m in MODES[1:]) + "   all vs anomaly"
-    print(header)
+    modes = ["untraced"] + [m for m in args.modes if m != "untraced"]
+    compare = "all" in modes and "anomaly" in modes
+    print(f"{'model':12} {'untraced':>9} " + " ".join(f"{m:>8}" for m in modes[1:]) + ("   all vs anomaly" if compare else ""))
     for name in args.models:
-        med = measure(name, args.repeats, args.steps, args.scope)
+        med = measure(name, args.repeats, args.steps, args.scope, modes)
         base = med["untraced"]
-        ratios = " ".join(f"{med[m] / base:7.2f}x" for m in MODES[1:])
-        print(f"{name:12} {base * 1e3:7.2f}ms {ratios}   {med['anomaly'] / med['all']:.1f}x cheaper")
+        ratios = " ".join(f"{med[m] / base:7.2f}x" for m in modes[1:])
+        tail = f"   {med['anomaly'] / med['all']:.1f}x cheaper" if compare else ""
+        print(f"{name:12} {base * 1e3:7.2f}ms {ratios}{tail}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def saved_state(node: Any) -> SavedState:
 
     Never runs a saved-tensor unpack hook (see NOTE [saved tensors and freed nodes]).
     """
-    slots = saved_slots(node)
+    slots = _SLOTS.get(type(node))
+    if slots is None:
+        slots = saved_slots(node)
     if not slots:
         return "none"
     if slots is _CUSTOM:

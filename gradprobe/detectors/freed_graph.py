@@ -19,6 +19,8 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from gradprobe._graph import iter_nodes, nodes_to_run, saved_state
 from gradprobe._sites import Site, user_frame
 from gradprobe.detectors._common import assignment_site, is_augmented, op_name, tensors_in_frame
@@ -28,14 +30,13 @@ from gradprobe.hookspecs import hookimpl
 if TYPE_CHECKING:
     from types import FrameType
 
-    import torch
-
     from gradprobe._calls import BackwardCall
     from gradprobe._ledger import BackwardRecord
     from gradprobe._trace import Trace
 
 __all__ = ["FreedGraph"]
 
+_ACCUMULATE_GRAD = type(torch.empty(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
 _GAN_NAMES = re.compile(r"fake|gen|sample|synth", re.IGNORECASE)
 
 
@@ -84,8 +85,8 @@ class FreedGraph:
             return
         leaves = {}
         for node in nodes:
-            var = getattr(node, "variable", None)
-            if var is not None:
+            if type(node) is _ACCUMULATE_GRAD:
+                var = node.variable
                 leaves[id(var)] = (weakref.ref(var), var._version)
         self._pending[call.index] = _Freed(None, {id(n) for n in live}, leaves)
         frame = user_frame(2)
