@@ -85,12 +85,12 @@ class InplaceSaved:
         self._by_storage.clear()
 
     def _pack(self, tensor: torch.Tensor) -> _Saved:
-        with torch._C.DisableTorchFunction():
+        with torch._C.DisableTorchFunction():  # gradprobe's own calls skip the interceptor
             alias = tensor.detach()
-        grad_fn = tensor.grad_fn
+            grad_fn = tensor.grad_fn
+            key = _storage_key(alias)
         saved = _Saved(alias, user_site(2), type(grad_fn).__name__ if grad_fn is not None else "")
         saved.ref = weakref.ref(tensor)
-        key = _storage_key(alias)
         if key is not None:
             self._by_storage.setdefault(key, []).append(weakref.ref(saved))
         self._packs += 1

@@ -7,7 +7,7 @@
 # `NonFiniteModules` (detect="all" or detect=[..., "nonfinite_modules"]) adds module attribution: a
 # global module forward hook registers plain tensor hooks on each module's inputs and outputs (not
 # register_full_backward_hook, which breaks on in-place ops after a module). Each tensor hook only
-# launches one reduction (the inf-norm of the gradient) and keeps the 0-d flag on the device with a sequence number; all
+# launches one reduction (the sum of the gradient) and keeps the 0-d flag on the device with a sequence number; all
 # flags are read back at once when the trace ends. The first module whose input gradient is
 # non-finite while its output gradient was finite produced the NaN/Inf (GP602).
 """
@@ -99,27 +99,33 @@ class NonFiniteModules:
             if isinstance(module, _CONTAINERS):
                 return  # its inputs and outputs are its children's
             name = self._names.get(id(module)) or type(module).__name__
-            for side, value in (("in", args), ("out", output)):
-                for tensor in _tensors(value):
-                    if not tensor.requires_grad:
-                        continue
-                    # one hook per tensor: a module's output is usually the next module's input
-                    entry = self._watched.get(id(tensor))
-                    if entry is not None and entry[0]() is tensor:
-                        entry[1].append((name, side))
-                        continue
-                    roles = [(name, side)]
-                    self._watched[id(tensor)] = (weakref.ref(tensor), roles)
-                    tensor.register_hook(self._watch(trace, roles))
+            with torch._C.DisableTorchFunction():  # gradprobe's own calls skip the interceptor
+                self._watch_all(trace, name, args, output)
 
         self._handle = torch.nn.modules.module.register_module_forward_hook(on_forward)
+
+    def _watch_all(self, trace: Trace, name: str, args: Any, output: Any) -> None:
+        for side, value in (("in", args), ("out", output)):
+            for tensor in _tensors(value):
+                if not tensor.requires_grad:
+                    continue
+                # one hook per tensor: a module's output is usually the next module's input
+                entry = self._watched.get(id(tensor))
+                if entry is not None and entry[0]() is tensor:
+                    entry[1].append((name, side))
+                    continue
+                roles = [(name, side)]
+                self._watched[id(tensor)] = (weakref.ref(tensor), roles)
+                tensor.register_hook(self._watch(trace, roles))
 
     def _watch(self, trace: Trace, roles: list[tuple[str, str]]) -> Any:
         def hook(grad: torch.Tensor) -> None:
             if trace._muted:
                 return
-            with torch.no_grad():  # one reduction; NaN/Inf anywhere makes it non-finite
-                flag = torch.linalg.vector_norm(grad, ord=float("inf"))
+            # the cheapest reduction: NaN/Inf anywhere makes the sum non-finite (a finite gradient
+            # whose sum overflows float would be a false alarm; no realistic gradient does)
+            with torch.no_grad(), torch._C.DisableTorchFunction():
+                flag = grad.sum()
             self._flags.append((trace._record_for_task().index, next(self._seq), roles, flag))
 
         return hook
