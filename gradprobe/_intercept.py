@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -40,6 +41,26 @@ def _writes_in_place(func: Callable[..., Any]) -> bool:
     return name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES
 
 
+def _inplace_flag_index(func: Callable[..., Any]) -> int | None:
+    """Position of an ``inplace`` parameter (``F.relu(x, inplace=True)``, ``F.dropout``), if any."""
+    try:
+        params = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+def _classify(func: Callable[..., Any]) -> int:
+    """_ALWAYS, _NEVER, or the position of the function's ``inplace`` flag."""
+    if _writes_in_place(func):
+        return _ALWAYS
+    index = _inplace_flag_index(func)
+    return _NEVER if index is None else index
+
+
+_ALWAYS, _NEVER = -1, -2
+
+
 def written_tensors(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], in_place: bool | None = None
 ) -> list[torch.Tensor]:
@@ -49,10 +70,13 @@ def written_tensors(
     """
     out = kwargs.get("out")
     written: list[torch.Tensor] = []
+    if in_place is None:
+        kind = _classify(func)
+        in_place = kind == _ALWAYS
+        if kind >= 0 and _flag(kind, args, kwargs) and args and isinstance(args[0], torch.Tensor):
+            written.append(args[0])
     if out is not None:
         written += [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
-    if in_place is None:
-        in_place = _writes_in_place(func)
     if args and in_place:
         first = args[0]
         if isinstance(first, torch.Tensor):
@@ -60,6 +84,11 @@ def written_tensors(
         elif isinstance(first, (list, tuple)):  # torch._foreach_*_
             written += [t for t in first if isinstance(t, torch.Tensor)]
     return written
+
+
+def _flag(index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    value = kwargs.get("inplace", args[index] if len(args) > index else False)
+    return value is True
 
 
 class Interceptor(TorchFunctionMode):
@@ -70,7 +99,7 @@ class Interceptor(TorchFunctionMode):
         self._trace = trace
         self.watch_grad_reads = False
         self.watch_writes = False
-        self._writes_cache: dict[Any, bool] = {}
+        self._writes_cache: dict[Any, int] = {}
 
     def __torch_function__(
         self,
@@ -88,9 +117,10 @@ class Interceptor(TorchFunctionMode):
         elif self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
             self._trace._plugins.call("gradprobe_grad_read", trace=self._trace, tensor=args[0], site=user_site())
         elif self.watch_writes:
-            in_place = self._writes_cache.get(func)
-            if in_place is None:
-                in_place = self._writes_cache[func] = _writes_in_place(func)
+            kind = self._writes_cache.get(func)
+            if kind is None:
+                kind = self._writes_cache[func] = _classify(func)
+            in_place = kind == _ALWAYS or (kind >= 0 and _flag(kind, args, kwargs))
             # any function may take out=; only in-place ones write through args[0]
             written = written_tensors(func, args, kwargs, in_place) if (in_place or "out" in kwargs) else []
             if written:

@@ -25,7 +25,7 @@ import importlib
 import importlib.metadata
 import inspect
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import pluggy
 
@@ -42,12 +42,21 @@ __all__ = ["BUILTIN_PLUGINS", "PluginHost", "refresh_plugins"]
 
 # Built-in plugins, registered under these names (what `disable=[...]` takes), in this order.
 BUILTIN_PLUGINS: dict[str, str] = {
+    "freed_graph": "gradprobe.detectors.freed_graph:FreedGraph",
+    "nonleaf_grad": "gradprobe.detectors.nonleaf_grad:NonLeafGrad",
+    "inplace_saved": "gradprobe.detectors.inplace:InplaceSaved",
+    "stale_grad": "gradprobe.detectors.stale_grad:StaleGrad",
+    "unreached": "gradprobe.detectors.unreached:Unreached",
+    "nonfinite": "gradprobe.detectors.nonfinite:NonFinite",
+    "nonfinite_modules": "gradprobe.detectors.nonfinite:NonFiniteModules",
     "report.calls": "gradprobe.report._sections:CallsSection",
     "report.breakdown": "gradprobe.report._sections:BreakdownSection",
     "report.findings": "gradprobe.report._sections:FindingsSection",
     "amp": "gradprobe.detectors.amp:AmpPlugin",
     "ddp": "gradprobe.detectors.ddp:DdpPlugin",
 }
+
+Detect = Union[str, "Iterable[str]"]
 
 _entry_point_cache: list[tuple[str, Any, str | None]] | None = None
 
@@ -87,6 +96,26 @@ def _load(spec: str) -> Any:
     return getattr(module, attr) if attr else module
 
 
+def _is_detector(spec: str) -> bool:
+    return spec.startswith("gradprobe.detectors.")
+
+
+def _chosen_detectors(detect: Detect) -> set[str]:
+    """Names of the built-in detectors ``trace(detect=...)`` selects."""
+    detectors = {name: spec for name, spec in BUILTIN_PLUGINS.items() if _is_detector(spec)}
+    if detect == "all":
+        return set(detectors)
+    if detect == "default":
+        return {name for name, spec in detectors.items() if getattr(_load(spec), "default", True)}
+    if isinstance(detect, str):
+        raise ValueError(f"trace(detect=...) must be 'default', 'all' or detector names, got {detect!r}")
+    chosen = set(detect)
+    unknown = chosen - set(detectors)
+    if unknown:
+        raise ValueError(f"trace(detect=...) names no detector called {sorted(unknown)}; the detectors are {sorted(detectors)}")
+    return chosen
+
+
 def _plugin_name(plugin: Any) -> str:
     name = getattr(plugin, "gradprobe_name", None) or getattr(plugin, "__name__", None)
     return str(name or type(plugin).__name__)
@@ -95,13 +124,20 @@ def _plugin_name(plugin: Any) -> str:
 class PluginHost:
     """Registers the built-in, entry-point and explicit plugins of one trace and calls them safely."""
 
-    def __init__(self, trace: Trace, plugins: Iterable[Any] = (), disable: Iterable[str] = ()) -> None:
+    def __init__(
+        self, trace: Trace, plugins: Iterable[Any] = (), disable: Iterable[str] = (), detect: Detect = "default"
+    ) -> None:
         self._trace = trace
         self.failures: list[Finding] = []
         self.pm = pluggy.PluginManager("gradprobe")
         self.pm.add_hookspecs(hookspecs)
+        chosen = _chosen_detectors(detect)
         # (name, plugin, installed?) in call order: built-ins, then installed plugins, then trace(plugins=...)
-        candidates: list[tuple[str, Any, bool]] = [(name, spec, False) for name, spec in BUILTIN_PLUGINS.items()]
+        candidates: list[tuple[str, Any, bool]] = [
+            (name, spec, False)
+            for name, spec in BUILTIN_PLUGINS.items()
+            if name in chosen or not _is_detector(spec)
+        ]
         broken: dict[str, str] = {}
         for name, plugin, error in _entry_point_plugins():
             if error is None:
@@ -110,7 +146,7 @@ class PluginHost:
                 broken[name] = error
         candidates += [(_plugin_name(p), p, False) for p in plugins]
         disabled = {disable} if isinstance(disable, str) else set(disable)
-        known = {name for name, _, _ in candidates} | set(broken)
+        known = set(BUILTIN_PLUGINS) | {name for name, _, _ in candidates} | set(broken)
         unknown = disabled - known
         if unknown:
             raise ValueError(

@@ -6,6 +6,7 @@ neither to torch nor to gradprobe (nor to a handful of stdlib plumbing modules).
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 import re
@@ -42,6 +43,7 @@ class Site(NamedTuple):
         return linecache.getline(self.filename, self.lineno).strip()
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_internal(filename: str) -> bool:
     if filename.startswith((_TORCH_DIR, _GRADPROBE_DIR)):
         return True

@@ -57,6 +57,7 @@ def trace(
     plugins: Iterable[Any] = (),
     disable: Iterable[str] = (),
     console: Console | None = None,
+    detect: str | Iterable[str] = "default",
 ) -> Trace:
     """Record every backward call's exact contribution to the gradients of ``targets``.
 
@@ -72,6 +73,8 @@ def trace(
         plugins: extra plugins (objects, or classes instantiated for this trace).
         disable: names of plugins to leave out (built-in or installed).
         console: the rich console ``report=True`` prints to.
+        detect: which built-in mistake detectors run: ``"default"`` (the cheap ones), ``"all"``, or
+            an iterable of detector names (see :mod:`gradprobe.detectors`).
 
     Example::
 
@@ -81,7 +84,14 @@ def trace(
         t.report()
     """
     return Trace(
-        targets, keep=keep, report=report, on_finding=on_finding, plugins=plugins, disable=disable, console=console
+        targets,
+        keep=keep,
+        report=report,
+        on_finding=on_finding,
+        plugins=plugins,
+        disable=disable,
+        console=console,
+        detect=detect,
     )
 
 
@@ -98,6 +108,7 @@ class Trace(TraceAssertions):
         plugins: Iterable[Any] = (),
         disable: Iterable[str] = (),
         console: Console | None = None,
+        detect: str | Iterable[str] = "default",
         _frame_depth: int = 2,
     ) -> None:
         if keep not in ("stats", "tensors"):
@@ -127,7 +138,7 @@ class Trace(TraceAssertions):
         frame = user_frame(_frame_depth)
         for tensor, name, module in resolve_targets(targets, frame, self._serial):
             self._track(tensor, name, module)
-        self._plugins = PluginHost(self, plugins, disable)
+        self._plugins = PluginHost(self, plugins, disable, detect)
 
     # -- public data API ---------------------------------------------------------------------
 

@@ -1,1 +1,40 @@
-"""Built-in mistake detectors, one per module, each registered as a gradprobe plugin."""
+"""Built-in mistake detectors, one per module, each registered as a gradprobe plugin.
+
+Each detector is a plugin class named in ``gradprobe._plugins.BUILTIN_PLUGINS`` under its finding
+kind, so ``trace(disable=["nonfinite"])`` leaves it out. ``trace(detect=...)`` picks which run:
+``"default"`` (the cheap ones, ``default = True`` on the class), ``"all"``, or a list of names.
+
+Finding codes (stable):
+
+======  =====================  ========  =======  ==============================================================
+code    kind (plugin)          severity  default  meaning
+======  =====================  ========  =======  ==============================================================
+GP101   freed_graph            error     yes      this backward will raise "backward through the graph a second
+                                                  time": its graph holds a node an earlier backward freed
+GP102   freed_graph            warning   yes      this backward frees saved tensors another live, not yet
+                                                  backwarded loss still needs: that loss's backward will raise
+GP201   nonleaf_grad           warning   yes      ``.grad`` read on a non-leaf that does not retain grad (None)
+GP202   nonleaf_grad           warning   yes      ahead of time: code after this backward reads ``.grad`` of such
+                                                  a non-leaf
+GP203   nonleaf_grad           warning   yes      ``.grad`` is None although the tensor retains grad:
+                                                  ``retain_grad()`` came after the backward (PyTorch is silent)
+GP301   inplace_saved          error     no       an in-place write to a tensor saved for backward (warning
+                                                  when an optimizer step updates a saved parameter)
+GP302   inplace_saved          error     no       the backward unpacked a saved tensor that was modified in place
+                                                  (the version check gradprobe's saved-tensor hooks redo)
+GP303   inplace_saved          warning   no       a write through ``.data`` to a saved tensor: PyTorch will not
+                                                  notice and the gradient is silently wrong
+GP401   stale_grad             warning   yes      a backward adds to ``.grad`` left from before an optimizer step
+                                                  (zero_grad() missing)
+GP402   stale_grad             warning   yes      ``.grad`` was already non-zero when the trace started
+GP501   unreached              error     yes      the loss does not require grad (and which op cut it):
+                                                  PyTorch will raise "element 0 of tensors does not require grad"
+GP502   unreached              warning   yes      the loss is a leaf (``loss.requires_grad = True`` on a cut
+                                                  loss): its backward reaches no parameter
+GP503   unreached              warning   yes      traced parameters no backward reached
+GP504   unreached              info      yes      a loss reaches none of some parameters other losses reach
+GP601   nonfinite              error     yes      the first backward that produced a NaN/Inf gradient, and where
+GP602   nonfinite_modules      error     no       the module whose backward first turned a finite gradient into
+                                                  NaN/Inf
+======  =====================  ========  =======  ==============================================================
+"""

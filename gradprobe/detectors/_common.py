@@ -1,0 +1,171 @@
+"""What the detectors share: naming graph nodes and tensors the way the user wrote them."""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import math
+import re
+import weakref
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradprobe._sites import Site
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from gradprobe._trace import Trace
+
+__all__ = ["LedgerFacts", "assignment_site", "ledger_facts", "op_name", "tensors_in_frame"]
+
+_FACTS: weakref.WeakKeyDictionary[Any, tuple[int, LedgerFacts]] = weakref.WeakKeyDictionary()
+
+
+class LedgerFacts:
+    """What the end-of-trace detectors need from the device, read back in one transfer.
+
+    ``finite[leaf index]``: (record index, finite?) per part; ``carried[leaf index]``: the norm of
+    the ``.grad`` a leaf already held when the trace started (only leaves where it did).
+    """
+
+    def __init__(self, finite: dict[int, list[tuple[int, bool]]], carried: dict[int, float]) -> None:
+        self.finite = finite
+        self.carried = carried
+
+
+def ledger_facts(trace: Trace) -> LedgerFacts:
+    """Part finiteness and carried-in norms of every leaf, cached per ledger state (not the full breakdown)."""
+    version = trace._ledger.version
+    cached = _FACTS.get(trace)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    tensors: list[torch.Tensor] = []
+    where: list[tuple[str, int, int]] = []
+    for state in trace._ledger.leaves:
+        for part in state.parts:
+            tensors.append(part.norm)
+            where.append(("part", state.leaf.index, part.record))
+        first = state.epochs[0] if state.epochs else None
+        if first is not None and first.reason == "trace_start" and first.norm is not None:
+            tensors.append(first.norm)
+            where.append(("carried", state.leaf.index, -1))
+    values = _read_floats(tensors)
+    finite: dict[int, list[tuple[int, bool]]] = {}
+    carried: dict[int, float] = {}
+    for (kind, leaf, record), value in zip(where, values):
+        if kind == "part":
+            finite.setdefault(leaf, []).append((record, math.isfinite(value)))
+        else:
+            carried[leaf] = value
+    facts = LedgerFacts(finite, carried)
+    _FACTS[trace] = (version, facts)
+    return facts
+
+
+def _read_floats(tensors: list[torch.Tensor]) -> list[float]:
+    """0-d device tensors as floats: one stack and one transfer per device, no per-tensor casts."""
+    out = [0.0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    with torch._C.DisableTorchFunction(), torch.no_grad():  # gradprobe's own read, not the user's ops
+        for positions in by_device.values():
+            group = [tensors[i] for i in positions]
+            if any(t.dtype != group[0].dtype for t in group):
+                group = [t.double() for t in group]
+            for i, value in zip(positions, torch.stack(group).tolist()):
+                out[i] = value
+    return out
+
+
+# grad_fn type name (without the Backward<N> suffix) -> what the user wrote
+_OPS = {
+    "Add": "+", "Sub": "-", "Mul": "*", "Div": "/", "Pow": "**", "Neg": "unary -", "Rsub": "-",
+    "ToCopy": ".to() cast", "Clone": ".clone()", "View": ".view()", "Reshape": ".reshape()",
+    "UnsafeView": ".reshape()", "T": ".t()", "Transpose": ".transpose()", "Permute": ".permute()",
+    "Expand": ".expand()", "Select": "indexing", "Slice": "slicing", "Index": "indexing",
+    "Addmm": "a Linear layer (addmm)", "Mm": "matmul", "Bmm": "batched matmul", "Sum": ".sum()",
+    "Mean": ".mean()", "Squeeze": ".squeeze()", "Unsqueeze": ".unsqueeze()", "Cat": "torch.cat",
+    "Stack": "torch.stack", "Sigmoid": "sigmoid", "Tanh": "tanh", "Relu": "relu", "Exp": "exp",
+    "Log": "log", "Sqrt": "sqrt", "Convolution": "a convolution", "NativeLayerNorm": "layer norm",
+    "NativeBatchNorm": "batch norm", "Softmax": "softmax", "LogSoftmax": "log_softmax",
+    "Embedding": "an embedding lookup", "AsStrided": "a strided view", "Alias": "an alias",
+}
+_BACKWARD_SUFFIX = re.compile(r"Backward\d*$")
+
+
+def op_name(node: Any) -> str:
+    """A grad_fn node as the user wrote the op: ``MulBackward0`` -> ``MulBackward0 (*)``."""
+    cls = type(node).__name__
+    if cls.endswith("Backward") and hasattr(node, "_forward_cls"):  # a custom autograd.Function
+        return f"{cls} (custom autograd.Function)"
+    key = _BACKWARD_SUFFIX.sub("", cls)
+    hint = _OPS.get(key)
+    return f"{cls} ({hint})" if hint else cls
+
+
+def tensors_in_frame(frame: FrameType | None) -> dict[str, torch.Tensor]:
+    """The tensors bound to names in ``frame`` (its locals; at module level, its globals)."""
+    if frame is None:
+        return {}
+    found = {}
+    for name, value in list(frame.f_locals.items()):
+        if isinstance(value, torch.Tensor) and not name.startswith("_"):
+            found[name] = value
+    return found
+
+
+@lru_cache(maxsize=256)
+def _assignments(filename: str, mtime_key: int) -> dict[str, list[int]]:
+    source = "".join(linecache.getlines(filename))
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return {}
+    found: dict[str, list[int]] = {}
+
+    def add(target: ast.AST, line: int) -> None:
+        for node in ast.walk(target):
+            if isinstance(node, ast.Name):
+                found.setdefault(node.id, []).append(line)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                add(target, node.lineno)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and node.value is not None:
+            add(node.target, node.lineno)
+        elif isinstance(node, (ast.For, ast.With)):
+            targets = [node.target] if isinstance(node, ast.For) else [i.optional_vars for i in node.items]
+            for target in targets:
+                if target is not None:
+                    add(target, node.lineno)
+    return found
+
+
+def assignment_site(frame: FrameType | None, name: str, before: int | None = None) -> Site | None:
+    """The last line of ``frame``'s file before line ``before`` that assigns ``name`` (best effort)."""
+    if frame is None:
+        return None
+    filename = frame.f_code.co_filename
+    lines = _assignments(filename, len(linecache.getlines(filename))).get(name)
+    if not lines:
+        return None
+    limit = frame.f_lineno if before is None else before
+    start = frame.f_code.co_firstlineno if frame.f_code.co_name != "<module>" else 0
+    earlier = [line for line in lines if start <= line <= limit]
+    if earlier:
+        return Site(filename, max(earlier))
+    later = [line for line in lines if line >= start]  # assigned later in a loop body
+    return Site(filename, max(later)) if later else None
+
+
+def is_augmented(frame: FrameType | None, name: str) -> bool:
+    """Whether ``name`` is updated with ``+=`` (or another augmented assignment) in ``frame``'s file."""
+    if frame is None:
+        return False
+    pattern = re.compile(rf"\b{re.escape(name)}\s*[-+*/]=")
+    return any(pattern.search(line) for line in linecache.getlines(frame.f_code.co_filename))

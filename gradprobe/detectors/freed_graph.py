@@ -1,0 +1,319 @@
+"""GP101 / GP102 ``freed_graph``: a backward through a graph whose saved tensors an earlier backward freed.
+
+# NOTE [predicting "backward through the graph a second time"]
+# Before every traced backward the detector lists the nodes the engine will run (pruned to paths
+# that reach `inputs=` / the inputs of autograd.grad) and asks each whether it holds, released, or
+# never had saved tensors (gradprobe._graph.saved_state). A released one means PyTorch will raise:
+# GP101 is emitted before the call runs, so `on_finding="raise"` turns it into GradProbeError at the
+# user's line. At a backward without retain_graph, the nodes it will release are intersected with the
+# graphs of other live losses that have not been backwarded (tensors bound in the caller's frame, or
+# named with `t.name`): GP102 warns right then that their backward will fail.
+# Graph nodes cannot be weakly referenced, so what a backward freed is remembered by node id for the
+# last few backwards only, and an id is trusted only while the node it names is really freed.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradprobe._graph import iter_nodes, nodes_to_run, saved_state
+from gradprobe._sites import Site, user_frame
+from gradprobe.detectors._common import assignment_site, is_augmented, op_name, tensors_in_frame
+from gradprobe.findings import Finding, RelatedSite
+from gradprobe.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from gradprobe._calls import BackwardCall
+    from gradprobe._ledger import BackwardRecord
+    from gradprobe._trace import Trace
+
+__all__ = ["FreedGraph"]
+
+_ACCUMULATE_GRAD = type(torch.empty(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+_GAN_NAMES = re.compile(r"fake|gen|sample|synth", re.IGNORECASE)
+
+
+class _Freed:
+    """What one finished backward without retain_graph released."""
+
+    __slots__ = ("record", "nodes", "leaves")
+
+    def __init__(self, record: BackwardRecord | None, nodes: set[int], leaves: dict[int, tuple[Any, int]]) -> None:
+        self.record = record
+        self.nodes = nodes
+        self.leaves = leaves  # id(leaf) -> (weakref to the leaf, its _version at that backward)
+
+
+class FreedGraph:
+    """Predicts PyTorch's "Trying to backward through the graph a second time" before it happens."""
+
+    default = True
+    gradprobe_name = "freed_graph"
+
+    def __init__(self) -> None:
+        self._history: deque[_Freed] = deque(maxlen=16)
+        self._pending: dict[int, _Freed] = {}
+        self._backwarded: dict[int, Any] = {}  # id(root) -> weakref: roots already backwarded
+        self._warned: set[tuple[str, Site | None]] = set()  # GP102 once per (other loss, line)
+
+    @hookimpl
+    def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
+        roots = [r.grad_fn for r in call.roots if r.grad_fn is not None]
+        if not roots:
+            return
+        for root in call.roots:
+            self._backwarded[id(root)] = weakref.ref(root)
+        nodes = nodes_to_run(roots, call.inputs, accumulate=call.kind == "backward")
+        freed, live = [], []
+        for node in nodes:
+            state = saved_state(node)
+            if state == "freed":
+                freed.append(node)
+            elif state == "live":
+                live.append(node)
+        if freed:
+            trace.emit(self._will_raise(trace, call, nodes, freed))
+            return
+        if call.retain_graph or not live:
+            return
+        leaves = {}
+        for node in nodes:
+            if type(node) is _ACCUMULATE_GRAD:
+                var = node.variable
+                leaves[id(var)] = (weakref.ref(var), var._version)
+        self._pending[call.index] = _Freed(None, {id(n) for n in live}, leaves)
+        frame = user_frame(2)
+        for finding in self._early_warnings(trace, call, frame, {id(n) for n in nodes}, live):
+            trace.emit(finding)
+
+    @hookimpl
+    def gradprobe_after_backward(self, trace: Trace, record: BackwardRecord, error: BaseException | None) -> None:
+        pending = self._pending.pop(record.index, None)
+        if pending is not None and error is None:
+            pending.record = record
+            self._history.append(pending)
+
+    @hookimpl
+    def gradprobe_trace_end(self, trace: Trace) -> None:
+        self._history.clear()
+        self._pending.clear()
+        self._backwarded.clear()
+
+    # -- GP101: this backward will raise -------------------------------------------------------
+
+    def _freed_by(self, node: Any) -> _Freed | None:
+        for entry in reversed(self._history):
+            if id(node) in entry.nodes:
+                return entry
+        return None
+
+    def _will_raise(self, trace: Trace, call: BackwardCall, nodes: list[Any], freed: list[Any]) -> Finding:
+        frame = user_frame(3)
+        freed_ids = {id(n) for n in freed}
+        frontier = [n for n in freed if id(n) in {id(r.grad_fn) for r in call.roots}]
+        for node in nodes:
+            if id(node) in freed_ids:
+                continue
+            for nxt, _ in node.next_functions:
+                if nxt is not None and id(nxt) in freed_ids and all(nxt is not f for f in frontier):
+                    frontier.append(nxt)
+        top = frontier[0] if frontier else freed[0]
+        earlier = self._freed_by(top)
+        locals_ = tensors_in_frame(frame)
+        shared_name = next((name for name, t in locals_.items() if t.grad_fn is top), None)
+        created = assignment_site(frame, shared_name) if shared_name else None
+        what = f"`{shared_name}` ({op_name(top)})" if shared_name else op_name(top)
+        by = "an earlier backward that gradprobe did not see"
+        related: list[RelatedSite] = []
+        if earlier is not None and earlier.record is not None:
+            rec = earlier.record
+            by = _call_text(rec.name, rec.kind)
+            if rec.site is not None:
+                by += f" at {rec.site}"
+                related.append(RelatedSite(rec.site.filename, rec.site.lineno, "freed the saved tensors (no retain_graph)"))
+        if created is not None:
+            related.append(RelatedSite(created.filename, created.lineno, f"created {what}"))
+        message = (
+            f"{_call_text(call.name, call.kind)} will raise \"Trying to backward through the graph a second time\": its graph "
+            f"goes through {what}, whose saved tensors {by} already freed"
+        )
+        fix = self._fix(trace, call, frame, earlier, top, shared_name, locals_)
+        return Finding(
+            code="GP101",
+            kind="freed_graph",
+            severity="error",
+            message=message,
+            site=call.site,
+            related=tuple(related),
+            fix=fix,
+            plugin="freed_graph",
+            data={"node": type(top).__name__, "freed_by": earlier.record.index if earlier and earlier.record else None},
+        )
+
+    def _fix(
+        self,
+        trace: Trace,
+        call: BackwardCall,
+        frame: FrameType | None,
+        earlier: _Freed | None,
+        top: Any,
+        shared_name: str | None,
+        locals_: dict[str, torch.Tensor],
+    ) -> str:
+        rec = earlier.record if earlier is not None else None
+        where = f" at {rec.site}" if rec is not None and rec.site is not None else ""
+        if is_augmented(frame, call.name):
+            return _running_total(call.name, rec.name if rec else "loss")
+        stepped = _changed_leaves(trace, earlier)
+        step_note = (
+            f" An in-place update (optimizer.step()?) changed {', '.join(stepped[:3])} since that backward, so "
+            "retain_graph=True alone would only turn this into the in-place error: run the forward again after the step."
+            if stepped
+            else ""
+        )
+        if rec is not None and rec.site is not None and rec.site == call.site:
+            carried = _carried(frame, top, call, locals_)
+            if carried and is_augmented(frame, carried):
+                return (
+                    f"`{carried}` is carried across iterations with its graph: accumulate a number instead, "
+                    f"`{carried} += loss.item()`, or `.detach()` it." + step_note
+                )
+            head = "a tensor from an earlier iteration still holds the graph the previous backward freed: "
+            if carried is None:
+                return head + "detach it (hidden state, cached embedding) where it is carried into the next iteration." + step_note
+            line = assignment_site(frame, carried)
+            at = f" before line {line.lineno}" if line else " where it is carried into the next iteration"
+            return head + f"call `{carried} = {carried}.detach()`{at}." + step_note
+        if shared_name and _looks_like_gan(trace, earlier, top, shared_name):
+            return (
+                f"`{shared_name}` feeds a loss that should not train what produced it: use "
+                f"`{shared_name}.detach()` in the earlier step (the one backwarded{where}); if both losses must "
+                f"reach it, pass retain_graph=True{where}." + step_note
+            )
+        return (
+            f"pass retain_graph=True to the earlier backward{where}, or add the losses and call backward once "
+            f"(e.g. `({rec.name if rec else 'loss_a'} + {call.name}).backward()`)." + step_note
+        )
+
+    # -- GP102: a backward that will make another one fail ---------------------------------------
+
+    def _early_warnings(
+        self, trace: Trace, call: BackwardCall, frame: FrameType | None, in_graph: set[int], live: list[Any]
+    ) -> list[Finding]:
+        candidates: dict[int, tuple[str, Any]] = {}
+        for name, t in tensors_in_frame(frame).items():
+            if t.grad_fn is not None and t.numel() == 1:
+                candidates.setdefault(id(t), (name, t))
+        for ref, name in list(trace._names.values()):
+            t = ref()
+            if t is not None and t.grad_fn is not None:
+                candidates[id(t)] = (name, t)
+        root_ids = {id(r) for r in call.roots}
+        will_free = {id(n): n for n in live}
+        findings = []
+        for name, t in candidates.values():
+            if id(t) in root_ids or id(t.grad_fn) in in_graph:
+                continue
+            done = self._backwarded.get(id(t))
+            if done is not None and done() is t:
+                continue
+            if (name, call.site) in self._warned:
+                continue
+            shared = next((n for n in iter_nodes([t.grad_fn]) if id(n) in will_free), None)
+            if shared is None:
+                continue
+            self._warned.add((name, call.site))
+            findings.append(self._warning(call, frame, name, shared))
+        return findings
+
+    def _warning(self, call: BackwardCall, frame: FrameType | None, other: str, shared: Any) -> Finding:
+        locals_ = tensors_in_frame(frame)
+        shared_name = next((n for n, t in locals_.items() if t.grad_fn is shared), None)
+        what = f"`{shared_name}` ({op_name(shared)})" if shared_name else op_name(shared)
+        created = assignment_site(frame, shared_name) if shared_name else None
+        related = [RelatedSite(created.filename, created.lineno, f"created {what}")] if created else []
+        return Finding(
+            code="GP102",
+            kind="freed_graph",
+            severity="warning",
+            message=(
+                f"{_call_text(call.name, call.kind)} frees the saved tensors of {what}, which `{other}` still needs: "
+                f"a later `{other}.backward()` will raise \"Trying to backward through the graph a second time\""
+            ),
+            site=call.site,
+            related=tuple(related),
+            fix=(
+                _running_total(other, call.name)
+                if is_augmented(frame, other)
+                else f"pass retain_graph=True here, or add the losses and call backward once "
+                f"(`({call.name} + {other}).backward()`)"
+            ),
+            plugin="freed_graph",
+            data={"other": other, "node": type(shared).__name__},
+        )
+
+
+def _running_total(total: str, loss: str) -> str:
+    return (
+        f"`{total}` is a running total that keeps every step's graph alive: accumulate a number, "
+        f"`{total} += {loss}.item()` (or `{loss}.detach()`), and backward each loss on its own"
+    )
+
+
+def _call_text(name: str, kind: str) -> str:
+    return f"`{name}.backward()`" if kind == "backward" else f"`autograd.grad({name}, ...)`"
+
+
+def _changed_leaves(trace: Trace, earlier: _Freed | None) -> list[str]:
+    if earlier is None:
+        return []
+    changed = []
+    for ref, version in earlier.leaves.values():
+        leaf = ref()
+        if leaf is not None and leaf._version != version:
+            state = trace._by_id.get(id(leaf))
+            changed.append(f"`{state.leaf.name}`" if state is not None else "a parameter")
+    return changed
+
+
+def _carried(frame: FrameType | None, top: Any, call: BackwardCall, locals_: dict[str, torch.Tensor]) -> str | None:
+    """The local that carries the freed graph into this iteration (``h`` in ``out, h = rnn(x, h)``)."""
+    roots = {id(r) for r in call.roots}
+    holders = []
+    for name, t in locals_.items():
+        if id(t) in roots or t.grad_fn is None:
+            continue
+        if any(n is top for n in iter_nodes([t.grad_fn])):
+            holders.append(name)
+    for name in holders:
+        if is_augmented(frame, name):
+            return name
+    for name in holders:
+        line = assignment_site(frame, name)
+        if line is not None and re.search(rf"=.*\b{re.escape(name)}\b", line.source):
+            return name
+    return holders[0] if holders else None
+
+
+def _looks_like_gan(trace: Trace, earlier: _Freed | None, top: Any, shared_name: str) -> bool:
+    """The shared tensor is one module's output fed to another module (a generator's sample)."""
+    if _GAN_NAMES.search(shared_name):
+        return True
+    if earlier is None:
+        return False
+    behind = {id(getattr(n, "variable", None)) for n in iter_nodes([top])}
+    mine, others = set(), set()
+    for key, (ref, _) in earlier.leaves.items():
+        state = trace._by_id.get(key)
+        if state is None or state.leaf.module is None:
+            continue
+        owner = state.leaf.name.split(".", 1)[0]
+        (mine if key in behind else others).add(owner)
+    return bool(mine) and bool(others) and not (mine & others)

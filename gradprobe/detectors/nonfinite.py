@@ -1,0 +1,198 @@
+"""GP601 / GP602 ``nonfinite``: the first NaN/Inf in a backward: which loss, which leaf, which module.
+
+# NOTE [finding the first NaN without syncs]
+# `NonFinite` (on by default) costs nothing extra: the ledger already keeps each part's norm on the
+# device, and the breakdown reads them back once at the end; the first backward call with a
+# non-finite part names the loss and the leaves (GP601).
+# `NonFiniteModules` (detect="all" or detect=[..., "nonfinite_modules"]) adds module attribution: a
+# global module forward hook registers plain tensor hooks on each module's inputs and outputs (not
+# register_full_backward_hook, which breaks on in-place ops after a module). Each tensor hook only
+# launches one reduction (the sum of the gradient) and keeps the 0-d flag on the device with a sequence number; all
+# flags are read back at once when the trace ends. The first module whose input gradient is
+# non-finite while its output gradient was finite produced the NaN/Inf (GP602).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradprobe._sites import user_frame
+from gradprobe.detectors._common import ledger_facts
+from gradprobe.findings import Finding
+from gradprobe.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from torch.utils.hooks import RemovableHandle
+
+    from gradprobe._trace import Trace
+
+__all__ = ["NonFinite", "NonFiniteModules"]
+
+
+class NonFinite:
+    """The first backward call that produced a NaN/Inf gradient, and in which leaves."""
+
+    default = True
+    gradprobe_name = "nonfinite"
+
+    @hookimpl
+    def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
+        facts = ledger_facts(trace)
+        names = {state.leaf.index: state.leaf.name for state in trace._ledger.leaves}
+        bad_by_record: dict[int, list[str]] = {}
+        for leaf, parts in facts.finite.items():
+            for record_index, finite in parts:
+                if not finite:
+                    bad_by_record.setdefault(record_index, []).append(names[leaf])
+        for record in trace.records:
+            bad = bad_by_record.get(record.index)
+            if bad:
+                shown = ", ".join(f"`{n}`" for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                return [
+                    Finding(
+                        code="GP601",
+                        kind="nonfinite",
+                        severity="error",
+                        message=f"the first NaN/Inf gradient came from `{record.name}`: its gradient of {shown} is not finite",
+                        site=record.site,
+                        fix="check the loss for log(0), division by zero or overflow (clamp / add an epsilon); "
+                        "trace(detect=\"all\") names the module that produced it",
+                        plugin="nonfinite",
+                        data={"record": record.index, "leaves": bad},
+                    )
+                ]
+        return []
+
+
+class NonFiniteModules:
+    """Which module's backward first turned a finite gradient into NaN/Inf (device flags, read once)."""
+
+    default = False  # a tensor hook and a reduction per module input/output
+    gradprobe_name = "nonfinite_modules"
+
+    def __init__(self) -> None:
+        self._handle: RemovableHandle | None = None
+        self._names: dict[int, str] = {}
+        # (record, seq, [(module, side), ...] of the watched tensor, flag)
+        self._flags: list[tuple[int, int, list[tuple[str, str]], torch.Tensor]] = []
+        self._watched: dict[int, tuple[Any, list[tuple[str, str]]]] = {}  # id(tensor) -> (weakref, roles)
+        self._seq = itertools.count()
+
+    @hookimpl
+    def gradprobe_trace_start(self, trace: Trace) -> None:
+        frame = user_frame(2)
+        if frame is not None:
+            for var, value in list(frame.f_locals.items()):
+                if isinstance(value, torch.nn.Module):
+                    for qual, module in value.named_modules():
+                        self._names.setdefault(id(module), f"{var}.{qual}" if qual else var)
+
+        def on_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if trace._muted or not torch.is_grad_enabled():
+                return
+            if isinstance(module, _CONTAINERS):
+                return  # its inputs and outputs are its children's
+            name = self._names.get(id(module)) or type(module).__name__
+            with torch._C.DisableTorchFunction():  # gradprobe's own calls skip the interceptor
+                self._watch_all(trace, name, args, output)
+
+        self._handle = torch.nn.modules.module.register_module_forward_hook(on_forward)
+
+    def _watch_all(self, trace: Trace, name: str, args: Any, output: Any) -> None:
+        for side, value in (("in", args), ("out", output)):
+            for tensor in _tensors(value):
+                if not tensor.requires_grad:
+                    continue
+                # one hook per tensor: a module's output is usually the next module's input
+                entry = self._watched.get(id(tensor))
+                if entry is not None and entry[0]() is tensor:
+                    entry[1].append((name, side))
+                    continue
+                roles = [(name, side)]
+                self._watched[id(tensor)] = (weakref.ref(tensor), roles)
+                tensor.register_hook(self._watch(trace, roles))
+
+    def _watch(self, trace: Trace, roles: list[tuple[str, str]]) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if trace._muted:
+                return
+            # the cheapest reduction: NaN/Inf anywhere makes the sum non-finite (a finite gradient
+            # whose sum overflows float would be a false alarm; no realistic gradient does)
+            with torch.no_grad(), torch._C.DisableTorchFunction():
+                flag = grad.sum()
+            self._flags.append((trace._record_for_task().index, next(self._seq), roles, flag))
+
+        return hook
+
+    @hookimpl
+    def gradprobe_before_backward(self, trace: Trace, call: Any) -> None:
+        self._watched.clear()  # the next forward makes new tensors; registered hooks keep their roles
+
+    @hookimpl
+    def gradprobe_trace_end(self, trace: Trace) -> None:
+        self._watched.clear()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @hookimpl
+    def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
+        if not self._flags:
+            return []
+        import math
+
+        values = [math.isfinite(v) for v in torch.stack([f[3].double() for f in self._flags]).cpu().tolist()]
+        flags, self._flags = self._flags, []
+        ordered = sorted(zip(flags, values), key=lambda fv: (fv[0][0], fv[0][1]))
+        for (record, _, roles, _), ok in ordered:
+            if ok:
+                continue
+            # a tensor that is some module's input: that module (its consumer) turned a finite
+            # gradient into a non-finite one; only an output: the gradient came in non-finite
+            module, side = next(((m, s) for m, s in roles if s == "in"), roles[-1])
+            rec = trace.records[record] if record < len(trace.records) else None
+            loss = f"`{rec.name}`" if rec else "a backward"
+            if side == "in":
+                message = (
+                    f"in the backward of {loss}, module `{module}` turned a finite gradient into NaN/Inf "
+                    "(its output's gradient is finite, its input's is not)"
+                )
+                fix = f"look at `{module}`'s forward for values where its derivative blows up (log/sqrt/div near 0, overflow)"
+            else:
+                message = (
+                    f"in the backward of {loss}, the gradient reaching module `{module}`'s output is already "
+                    "NaN/Inf: the loss itself, or an op outside any module, produced it"
+                )
+                fix = "check the loss computation after the model's output (log(0), division by zero, overflow)"
+            return [
+                Finding(
+                    code="GP602",
+                    kind="nonfinite",
+                    severity="error",
+                    message=message,
+                    site=rec.site if rec else None,
+                    fix=fix,
+                    plugin="nonfinite_modules",
+                    data={"module": module, "side": side},
+                )
+            ]
+        return []
+
+
+_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []

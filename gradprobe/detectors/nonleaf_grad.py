@@ -1,0 +1,181 @@
+"""GP201 / GP202 / GP203 ``nonleaf_grad``: ``.grad`` of a tensor that is not a leaf is None.
+
+# NOTE [non-leaf .grad]
+# The interceptor reports every `.grad` read on a non-leaf (gradprobe_grad_read). A non-leaf that
+# does not retain grad always reads None (GP201). One that retains grad but still reads None after a
+# backward ran had `retain_grad()` called too late, or no backward reached it (GP203; PyTorch says
+# nothing). Ahead of time, at each backward, the caller's source is scanned (once per code object)
+# for `NAME.grad`; a live local NAME that is a non-leaf without retain_grad is reported before the
+# backward runs (GP202), and its later read is not reported again.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from gradprobe._sites import Site, name_in_frame, user_frame
+from gradprobe.detectors._common import assignment_site, op_name
+from gradprobe.findings import Finding, RelatedSite
+from gradprobe.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from types import CodeType, FrameType
+
+    import torch
+
+    from gradprobe._calls import BackwardCall
+    from gradprobe._trace import Trace
+
+__all__ = ["NonLeafGrad"]
+
+_READS: weakref.WeakKeyDictionary[Any, dict[str, list[int]]] = weakref.WeakKeyDictionary()
+
+
+def _grad_reads(code: CodeType) -> dict[str, list[int]]:
+    """``NAME.grad`` loads on the lines of ``code`` itself (not nested functions): name -> line numbers."""
+    cached = _READS.get(code)
+    if cached is not None:
+        return cached
+    own_lines = {line for _, _, line in code.co_lines() if line is not None}
+    found: dict[str, list[int]] = {}
+    source = "".join(linecache.getlines(code.co_filename))
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        tree = None
+    if tree is not None:
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "grad"
+                and isinstance(node.ctx, ast.Load)
+                and isinstance(node.value, ast.Name)
+                and node.lineno in own_lines
+            ):
+                found.setdefault(node.value.id, []).append(node.lineno)
+    _READS[code] = found
+    return found
+
+
+class NonLeafGrad:
+    """Reading ``.grad`` of a non-leaf tensor that does not retain its gradient."""
+
+    default = True
+    gradprobe_name = "nonleaf_grad"
+
+    def __init__(self) -> None:
+        self._warned: set[int] = set()  # id() of tensors already reported ahead of time
+
+    @hookimpl
+    def gradprobe_grad_read(self, trace: Trace, tensor: torch.Tensor, site: Site | None) -> None:
+        if trace._muted:
+            return
+        frame = user_frame(2)
+        name = name_in_frame(frame, tensor) or "this tensor"
+        if tensor.retains_grad:
+            if tensor.grad is None and trace.records:
+                trace.emit(self._late_retain(name, tensor, site))
+            return
+        if id(tensor) in self._warned:
+            return
+        trace.emit(self._finding("GP201", trace, frame, name, tensor, site, ahead=False))
+
+    @hookimpl
+    def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
+        frame = user_frame(2)
+        if frame is None:
+            return
+        reads = _grad_reads(frame.f_code)
+        if not reads:
+            return
+        for name, lines in reads.items():
+            tensor = frame.f_locals.get(name)
+            if (
+                tensor is None
+                or not hasattr(tensor, "grad_fn")
+                or tensor.grad_fn is None
+                or tensor.retains_grad
+                or id(tensor) in self._warned
+            ):
+                continue
+            later = [line for line in lines if line > frame.f_lineno] or lines
+            read_site = Site(frame.f_code.co_filename, later[0])
+            self._warned.add(id(tensor))
+            trace.emit(self._finding("GP202", trace, frame, name, tensor, call.site, ahead=True, read=read_site))
+
+    def _finding(
+        self,
+        code: str,
+        trace: Trace,
+        frame: FrameType | None,
+        name: str,
+        tensor: torch.Tensor,
+        site: Site | None,
+        *,
+        ahead: bool,
+        read: Site | None = None,
+    ) -> Finding:
+        node = tensor.grad_fn
+        made = assignment_site(frame, name) if name != "this tensor" else None
+        how = f"made by {op_name(node)}" + (f" at {made}" if made else "")
+        leaf = _source_leaf(trace, frame, node)
+        related = []
+        if made is not None:
+            related.append(RelatedSite(made.filename, made.lineno, f"made `{name}` ({op_name(node)})"))
+        if read is not None:
+            related.append(RelatedSite(read.filename, read.lineno, f"reads `{name}.grad`"))
+        fix = f"call `{name}.retain_grad()` before the backward" + (f" (right after line {made.lineno})" if made else "")
+        if leaf:
+            fix += f", or read the leaf's gradient, `{leaf}.grad`"
+        if ahead:
+            message = (
+                f"`{name}.grad` is read at {read} but `{name}` is not a leaf ({how}) and does not retain its "
+                "gradient: after this backward it will still be None"
+            )
+        else:
+            message = (
+                f"`{name}.grad` read on a non-leaf tensor ({how}) that does not retain its gradient: it is None"
+            )
+        return Finding(
+            code=code,
+            kind="nonleaf_grad",
+            severity="warning",
+            message=message,
+            site=site,
+            related=tuple(related),
+            fix=fix,
+            plugin="nonleaf_grad",
+            data={"tensor": name, "op": type(node).__name__},
+        )
+
+    def _late_retain(self, name: str, tensor: torch.Tensor, site: Site | None) -> Finding:
+        return Finding(
+            code="GP203",
+            kind="nonleaf_grad",
+            severity="warning",
+            message=(
+                f"`{name}.grad` is None although `{name}` retains its gradient: `retain_grad()` was called after "
+                "the backward that should have filled it (PyTorch says nothing), or no backward reached it"
+            ),
+            site=site,
+            fix=f"call `{name}.retain_grad()` before the backward, right after `{name}` is computed",
+            plugin="nonleaf_grad",
+            data={"tensor": name},
+        )
+
+
+def _source_leaf(trace: Trace, frame: FrameType | None, node: Any) -> str | None:
+    """The leaf a non-leaf was made from in one op (a cast or a view of a parameter), by name."""
+    if node is None:
+        return None
+    for nxt, _ in node.next_functions:
+        var = getattr(nxt, "variable", None)
+        if var is not None:
+            state = trace._by_id.get(id(var))
+            if state is not None and state.leaf.tensor is var:
+                return state.leaf.name
+            return name_in_frame(frame, var)
+    return None
