@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import threading
 import warnings
 import weakref
@@ -267,6 +268,8 @@ class Trace(TraceAssertions):
                 "a trace records one block: create a new one with gradprobe.trace(...) for each `with`"
             )
         self._state = "active"
+        if "torch._dynamo" in sys.modules:  # NOTE [torch.compile] at _run_backward
+            self._run_backward = torch.compiler.disable(self._run_backward)  # type: ignore[method-assign]
         try:
             self._mode.watch_grad_reads = self._plugins.implemented("gradprobe_grad_read")
             self._mode.watch_writes = self._plugins.implemented("gradprobe_inplace_write")
@@ -283,17 +286,20 @@ class Trace(TraceAssertions):
         try:
             self._plugins.call("gradprobe_trace_end", trace=self)
             self._finals = snapshot_final(self._ledger)
+            # The block raised: the step never finished, so end-of-trace findings are only recorded
+            # (in t.findings and the report); warning about them would bury the real error.
+            policy: Policy = self.on_finding if exc_type is None else "record"
             for found in self._plugins.call("gradprobe_collect_findings", trace=self):
                 for finding in found:
                     try:
-                        self.emit(finding)
+                        self._add_finding(finding, policy)
                     except GradProbeError as error:
                         pending = pending or error
         finally:
             self._close()
         if self._print_report:
             self.report()
-        if pending is not None and exc_type is None:
+        if pending is not None:
             raise pending
 
     def _close(self) -> None:
@@ -354,8 +360,9 @@ class Trace(TraceAssertions):
 
     # NOTE [torch.compile]: a backward called inside a compiled function runs (with its hooks,
     # which inherit this frame's setting) outside Dynamo, instead of Dynamo tracing gradprobe's
-    # bookkeeping and breaking the graph at each frame walk and lock.
-    @torch.compiler.disable
+    # bookkeeping and breaking the graph at each frame walk and lock. `__enter__` wraps this method
+    # in `torch.compiler.disable` when Dynamo is loaded; importing Dynamo only for that would add
+    # ~1.5 s to `import gradprobe` for everyone who never compiles.
     def _run_backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._muted or self._state != "active":
             return func(*args, **kwargs)

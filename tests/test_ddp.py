@@ -122,8 +122,7 @@ def test_unused_parameters_named_before_ddp_raises(ranks: list[dict[str, Any]]) 
     for r, rank in enumerate(ranks):
         result = rank["unused"]
         assert result["error"] is not None and "Expected to have finished reduction" in result["error"]
-        (code, message, data, site), = result["findings"]
-        assert code == "GP721"
+        (code, message, data, site), = [f for f in result["findings"] if f[0] == "GP721"]
         assert data["parameters"] == ["module.head_b.weight", "module.head_b.bias"]
         assert data["indices"] == result["error_indices"] == [4, 5]
         assert data["loss"] == "loss_a" and data["rank"] == r
@@ -133,6 +132,10 @@ def test_unused_parameters_named_before_ddp_raises(ranks: list[dict[str, Any]]) 
 
 
 def test_unused_parameters_clean_twin(ranks: list[dict[str, Any]]) -> None:
-    """With find_unused_parameters=True the same step is fine: no finding, no DDP error."""
+    """With find_unused_parameters=True the same step is fine: no GP721, no DDP error.
+
+    head_b still gets no gradient, which the generic unreached detector (GP503) truly reports.
+    """
     for rank in ranks:
-        assert rank["unused_clean"]["findings"] == [] and rank["unused_clean"]["error"] is None
+        codes = [f[0] for f in rank["unused_clean"]["findings"]]
+        assert codes == ["GP503"] and rank["unused_clean"]["error"] is None

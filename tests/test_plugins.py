@@ -65,9 +65,12 @@ def no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_builtins_are_registered_through_the_manager() -> None:
-    """The built-in report sections are plugins with the names disable= takes."""
-    t = gradprobe.trace(MLP())
+    """Built-in report sections and detectors are plugins with the names disable= takes."""
+    t = gradprobe.trace(MLP(), detect="all")
     assert set(_plugins.BUILTIN_PLUGINS) <= set(t.plugin_names)
+    default = set(gradprobe.trace(MLP()).plugin_names)
+    assert {"report.calls", "report.breakdown", "report.findings", "freed_graph"} <= default
+    assert "inplace_saved" not in default  # opt-in: trace(detect="all")
 
 
 def test_hooks_run_builtins_then_installed_then_explicit_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,6 +124,7 @@ def test_class_plugin_is_instantiated_per_trace() -> None:
 
     model = MLP()
     for _ in range(2):
+        model.zero_grad()
         with gradprobe.trace(model, plugins=[Counting]):
             model(torch.randn(3, 8)).sum().backward()
     assert len(instances) == 2 and instances[0] is not instances[1]

@@ -48,10 +48,11 @@ def test_tensor_parts_sum_bitwise_to_grad(pre_existing: bool) -> None:
     x = torch.randn(2, 3, 8, 8)
     if pre_existing:
         sum(model.losses(x).values()).backward()  # type: ignore[union-attr]
-    with gradprobe.trace(model, keep="tensors") as t:
+    with gradprobe.trace(model, keep="tensors", on_finding="record") as t:
         losses = model.losses(x)
         losses["cls"].backward(retain_graph=True)
         losses["box"].backward()
+    assert ("GP402" in [f.code for f in t.findings]) == pre_existing  # .grad non-zero at the start
     rows = t.breakdown()
     assert rows and all(row.check is True for row in rows)
     for row, (name, p) in zip(rows, model.named_parameters()):
@@ -183,10 +184,12 @@ def test_inputs_restricts_parts() -> None:
     """backward(inputs=[...]) adds parts only to the inputs; the others are not reached."""
     model = MLP()
     x = torch.randn(3, 8)
-    with gradprobe.trace(model) as t:
+    with gradprobe.trace(model, on_finding="record") as t:
         loss = model(x).sum()
         loss.backward(inputs=[model.fc2.weight])
     assert t.records[0].inputs == ("fc2.weight",)
+    (unreached,) = [f for f in t.findings if f.code == "GP503"]
+    assert unreached.data["leaves"] == ["fc1.weight", "fc1.bias", "fc2.bias"]
     reached = {row.leaf.name for row in t.breakdown() if row.reached}
     assert reached == {"fc2.weight"}
 
@@ -305,9 +308,10 @@ def test_sparse_embedding_gradients() -> None:
 def test_to_dict_is_strict_json() -> None:
     """to_dict() is JSON-safe, non-finite numbers included."""
     w = torch.randn(3, requires_grad=True)
-    with gradprobe.trace(w) as t:
+    with gradprobe.trace(w, on_finding="record") as t:
         (w * float("nan")).sum().backward()
     data = t.to_dict()
+    assert [f["code"] for f in data["findings"]] == ["GP601"]
     text = json.dumps(data, allow_nan=False)
     assert '"nan"' in text
     assert data["records"][0]["name"] == '(w * float("nan")).sum()'

@@ -36,5 +36,13 @@ GP504   unreached              info      yes      a loss reaches none of some pa
 GP601   nonfinite              error     yes      the first backward that produced a NaN/Inf gradient, and where
 GP602   nonfinite_modules      error     no       the module whose backward first turned a finite gradient into
                                                   NaN/Inf
+GP701   (trace core)           info      yes      gradients taken inside torch.func transforms are not recorded
+GP702   (trace core)           info      yes      in-place writes and ``.grad`` reads inside compiled code are not
+                                                  watched
+GP712   amp                    warning   yes      gradients clipped while still scaled by a GradScaler (clip
+                                                  after ``scaler.unscale_(optimizer)``)
+GP721   ddp                    error     yes      DDP parameters no loss reached in a synchronising backward: the
+                                                  next forward raises "Expected to have finished reduction ..."
+GP722   ddp                    error     yes      ranks hold different all-reduced ``.grad`` (from ``t.gather()``)
 ======  =====================  ========  =======  ==============================================================
 """

@@ -161,7 +161,7 @@ class Unreached:
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
-        records = [r for r in trace.records if r.accumulates]
+        records = [r for r in trace.records if r.accumulates and r.index not in self._failed]
         if not records or trace.every_leaf:
             return []
         leaves = trace._ledger.leaves
