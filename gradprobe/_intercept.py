@@ -4,7 +4,8 @@
 # Every torch call made while a trace is active passes through `__torch_function__`, so the
 # common case (an op nobody watches) is one dict lookup and a call. In-place writes are only
 # classified when some plugin implements `gradprobe_inplace_write`, and the classification of each
-# function is cached.
+# function is cached. Functions a plugin watches (backward calls; loss functions while decomposing)
+# sit in one dispatch table, `Interceptor.table`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["Interceptor", "written_tensors"]
 
 _GRAD_GET = torch.Tensor.grad.__get__
-_BACKWARD = dict.fromkeys(BACKWARD_FUNCTIONS, True)
 _INPLACE_DUNDERS = frozenset(
     f"__i{op}__"
     for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift", "matmul")
@@ -70,6 +70,13 @@ class Interceptor(TorchFunctionMode):
         self.watch_grad_reads = False
         self.watch_writes = False
         self._writes_cache: dict[Any, bool] = {}
+        # func -> handler(func, args, kwargs): the only per-call lookup for functions nobody watches
+        self.table: dict[Any, Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]] = dict.fromkeys(
+            BACKWARD_FUNCTIONS, self._backward
+        )
+
+    def _backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self._trace._run_backward(func, args, kwargs)
 
     def __torch_function__(
         self,
@@ -80,8 +87,9 @@ class Interceptor(TorchFunctionMode):
     ) -> Any:
         if kwargs is None:
             kwargs = {}
-        if func in _BACKWARD:
-            return self._trace._run_backward(func, args, kwargs)
+        handler = self.table.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
         if self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
             self._trace._plugins.call("gradprobe_grad_read", trace=self._trace, tensor=args[0], site=user_site())
         elif self.watch_writes:

@@ -35,8 +35,10 @@ __all__ = ["BUILTIN_PLUGINS", "PluginHost"]
 
 # Built-in plugins, registered under these names (what `disable=[...]` takes), in this order.
 BUILTIN_PLUGINS: dict[str, str] = {
+    "decompose": "gradprobe._decompose_plugin:Decomposer",
     "report.calls": "gradprobe.report._sections:CallsSection",
     "report.breakdown": "gradprobe.report._sections:BreakdownSection",
+    "report.decomposition": "gradprobe.report._decomposition:DecompositionSection",
     "report.findings": "gradprobe.report._sections:FindingsSection",
 }
 
