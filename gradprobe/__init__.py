@@ -6,6 +6,7 @@ from gradprobe._breakdown import CarriedIn, LeafBreakdown, Part
 from gradprobe._calls import BackwardCall
 from gradprobe._ledger import BackwardRecord, Leaf
 from gradprobe._sites import Site
+from gradprobe._split import LeafSplit, ModuleSplit, Split
 from gradprobe._trace import Trace, trace
 from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError, TraceTargetError
 from gradprobe.findings import Finding, RelatedSite
@@ -22,9 +23,12 @@ __all__ = [
     "GradProbeWarning",
     "Leaf",
     "LeafBreakdown",
+    "LeafSplit",
+    "ModuleSplit",
     "Part",
     "RelatedSite",
     "Site",
+    "Split",
     "Trace",
     "TraceStateError",
     "TraceTargetError",

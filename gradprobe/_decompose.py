@@ -145,13 +145,20 @@ def compute_rows(
         looped = _looped(components, weights, leaves)
         _sync(device)
         timings["loop"] = time.perf_counter() - start
-        if rows is not None and timings["loop"] < timings["batched"]:
-            # the first vectorized call of a process pays vmap's warm-up: time it once more, warm
-            _sync(device)
-            start = time.perf_counter()
-            rows, note = _batched(components, weights, leaves)
-            _sync(device)
-            timings["batched"] = time.perf_counter() - start
+        if rows is not None and strategy is None:
+            # a first call pays warm-ups (vmap, the engine's threads): time the slower way once more
+            if timings["loop"] < timings["batched"]:
+                _sync(device)
+                start = time.perf_counter()
+                rows, note = _batched(components, weights, leaves)
+                _sync(device)
+                timings["batched"] = min(timings["batched"], time.perf_counter() - start)
+            else:
+                _sync(device)
+                start = time.perf_counter()
+                looped = _looped(components, weights, leaves)
+                _sync(device)
+                timings["loop"] = min(timings["loop"], time.perf_counter() - start)
         if rows is None or timings["loop"] < timings.get("batched", float("inf")):
             rows = looped
             strategy = "loop"

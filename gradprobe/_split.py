@@ -96,12 +96,13 @@ class LeafSplit(GramView):
     error: float | None = None  # max |sum of parts - what the backward added|
     tolerance: float | None = None
     parts: tuple[torch.Tensor, ...] | None = None  # keep="tensors" only
+    verified: bool | None = None  # per-backward splits: the ledger's own check of the parts vs .grad
 
     @property
     def check(self) -> bool | None:
         """The parts add up to what the backward added (None: nothing independent to check)."""
         if self.error is None or self.tolerance is None:
-            return None
+            return self.verified
         return self.error <= self.tolerance
 
 

@@ -84,7 +84,7 @@ def per_backward_split(trace: Trace) -> Split | None:
             gram = tuple(tuple(r) for r in g)
         else:
             unknown += 1
-        leaves.append(LeafSplit(row.leaf, gram, reached, parts=kept))
+        leaves.append(LeafSplit(row.leaf, gram, reached, parts=kept, verified=row.check))
     notes = []
     if unknown:
         notes.append(
