@@ -47,7 +47,7 @@ class LeafReduction:
     reached: tuple[bool, ...]  # per loss: its graph reaches the leaf
     gram: torch.Tensor | None = None  # k x k <part_i, part_j>
     error: torch.Tensor | None = None  # max |sum of parts - what the backward added|
-    total_absmax: torch.Tensor | None = None
+    total_absmax: torch.Tensor | None = None  # max |.| of the backward's gradient and of the parts
     parts: torch.Tensor | None = None  # keep="tensors": (k, *shape)
     rows: torch.Tensor | None = field(default=None, repr=False)  # pending computed rows, until reduced
 
@@ -126,6 +126,8 @@ def compute_rows(
     device = leaves[0].device
     timings: dict[str, float] = {}
     note = ""
+    if len(components) == 1 and strategy is not None:
+        strategy = "loop"  # one row: nothing to vectorize
     rows: list[torch.Tensor | None] | None = None
     if strategy in (None, "batched"):
         _sync(device)
@@ -194,13 +196,25 @@ def reduce_rows(
         if total is not None:
             total = (total.to_dense() if total.is_sparse else total).detach().reshape(n)
             entry.total_absmax = total.abs().max() if n else total.new_zeros(())
+        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
         if derived is not None:
             if total is None:
                 return  # the backward never reached this leaf: nothing to derive from
-            flat = torch.cat([flat[:derived], (total - flat.sum(0))[None], flat[derived:]])
-        elif total is not None and n:
-            entry.error = (flat.sum(0) - total).abs().max()
-        acc = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-        entry.gram = acc @ acc.T
+            last = total - flat.sum(0)
+            rows_acc, last_acc = flat.to(acc), last.to(acc)
+            cross = rows_acc @ last_acc  # <computed_i, derived>, without stacking a k-th copy
+            top = torch.cat([rows_acc @ rows_acc.T, cross[:, None]], 1)
+            gram = torch.cat([top, torch.cat([cross, (last_acc @ last_acc)[None]])[None]], 0)
+            gram = torch.cat([gram[:derived], gram[-1:], gram[derived:-1]], 0)  # derived row to its place
+            entry.gram = torch.cat([gram[:, :derived], gram[:, -1:], gram[:, derived:-1]], 1)
+            if keep_tensors:
+                flat = torch.cat([flat[:derived], last[None], flat[derived:]])
+        else:
+            if total is not None and n:
+                entry.error = (flat.sum(0) - total).abs().max()
+                # round-off scales with the summands, which can be larger than their sum (losses that cancel)
+                entry.total_absmax = torch.maximum(entry.total_absmax, flat.abs().max())
+            rows_acc = flat.to(acc)
+            entry.gram = rows_acc @ rows_acc.T
         if keep_tensors:
             entry.parts = flat.reshape(len(entry.reached), *leaf.shape).clone()

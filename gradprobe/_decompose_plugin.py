@@ -180,7 +180,7 @@ class Decomposer:
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> list[Finding]:
-        return [f for split in self.splits(trace) for f in conflict_findings(split)]
+        return conflict_findings(self.splits(trace))
 
     # -- data --------------------------------------------------------------------------------
 
@@ -255,18 +255,30 @@ def _to_split(trace: Trace, entry: _Pending) -> Split:
     )
 
 
-def conflict_findings(split: Split) -> list[Finding]:
-    """One ``conflict`` finding per pair of losses that pull against each other in some module."""
-    pairs: dict[tuple[int, int], list[tuple[str, float]]] = {}
-    for module in split.modules():
-        for i, j, cos in module.conflicts():
-            pairs.setdefault((i, j), []).append((module.name, cos))
+def conflict_findings(splits: list[Split]) -> list[Finding]:
+    """One ``conflict`` finding per pair of losses that pull against each other in some module.
+
+    Decomposed backwards of one training loop are pooled: a pair is reported once, with the modules
+    and the worst cosine seen, and in how many of the splits it showed.
+    """
+    pairs: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for split in splits:
+        scale = max((m.largest for m in split.modules()), default=0.0)
+        for module in split.modules():
+            for i, j, cos in module.conflicts(scale):
+                key = (split.kind, split.losses[i], split.losses[j])
+                seen = pairs.setdefault(key, {"modules": {}, "splits": set(), "first": split})
+                seen["splits"].add(id(split))
+                seen["modules"][module.name] = min(cos, seen["modules"].get(module.name, 1.0))
     findings = []
-    for (i, j), where in pairs.items():
-        where.sort(key=lambda x: x[1])
+    for (kind, a, b), seen in pairs.items():
+        where = sorted(seen["modules"].items(), key=lambda x: x[1])
+        total = sum(1 for s in splits if s.kind == kind and {a, b} <= set(s.losses))
         shown = ", ".join(f"{name} ({cos:+.2f})" for name, cos in where[:4])
         more = f" and {len(where) - 4} more" if len(where) > 4 else ""
-        a, b = split.losses[i], split.losses[j]
+        first: Split = seen["first"]
+        what = f"{first.title!r}" if kind == "decomposed" else "the final .grad"
+        often = f" in {len(seen['splits'])} of {total} decomposed backwards" if total > 1 else ""
         findings.append(
             Finding(
                 code="GP400",
@@ -274,15 +286,15 @@ def conflict_findings(split: Split) -> list[Finding]:
                 severity="warning",
                 message=(
                     f"losses {a!r} and {b!r} pull against each other in {len(where)} module"
-                    f"{'s' * (len(where) != 1)} of {split.title!r}: {shown}{more} (cosine of their gradients)"
+                    f"{'s' * (len(where) != 1)} of {what}{often}: {shown}{more} (cosine of their gradients)"
                 ),
-                site=split.site,
+                site=first.site,
                 fix=(
                     f"check the sign and weight of {a!r} / {b!r}; if both are right, the shared layers serve "
                     "competing objectives (reweight, separate heads, or a gradient-surgery method such as PCGrad)"
                 ),
                 plugin="decompose",
-                data={"losses": [a, b], "modules": [[n, c] for n, c in where], "split": split.kind},
+                data={"losses": [a, b], "modules": [[n, c] for n, c in where], "split": kind},
             )
         )
     return findings

@@ -53,8 +53,9 @@ def plot_split(split: Split, path: str | None = None) -> Any:
     ax_norm.set_xlabel("‖gradient part‖ (log)")
     ax_share.set_xlabel("share of the summed gradient")
     ax_share.set_xlim(0, 1)
+    scale = max((m.largest for m in modules), default=0.0)
     for y, m in zip(ys, modules):
-        for _i, _j, cos in m.conflicts():
+        for _i, _j, cos in m.conflicts(scale):
             ax_share.annotate(f"cos {cos:+.2f}", (1.0, y), xytext=(3, 0), textcoords="offset points",
                               va="center", fontsize=7, color="red", annotation_clip=False)
             break

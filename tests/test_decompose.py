@@ -373,3 +373,64 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"gradprobe\[plot\]"):
         t.plot()
+
+
+def test_every_leaf_trace_and_autograd_grad():
+    """trace() with no targets decomposes every leaf reached; an autograd.grad call is split too."""
+    w = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(5, 4)
+    with gradprobe.trace(decompose=True, keep="tensors") as t:
+        out = x @ w
+        a = F.mse_loss(out, torch.zeros_like(out))
+        b = F.l1_loss(out, torch.ones_like(out))
+        (ga,) = torch.autograd.grad(a, w, retain_graph=True)
+        (gb,) = torch.autograd.grad(b, w, retain_graph=True)
+        (g,) = torch.autograd.grad(a + 2 * b, w)
+    (split,) = [s for s in t.splits() if s.kind == "decomposed"]
+    leaf = split.leaves[0]
+    assert leaf.leaf.tensor is w and split.check is True
+    torch.testing.assert_close(leaf.parts[0], ga)
+    torch.testing.assert_close(leaf.parts[1], 2 * gb)
+
+
+def test_round_off_sized_gradients_raise_no_conflict():
+    """A BatchNorm-preceded conv bias (gradient ~1e-9) shows no cosine and triggers no finding."""
+    model = TinyFPNDetector()
+    with gradprobe.trace(model, decompose=True, on_finding="record") as t:
+        losses = t.losses(model.losses(torch.randn(2, 3, 16, 16)))
+        (losses["cls"] + losses["box"]).backward()
+    (split,) = t.splits()
+    bias = split.leaf("stem.0.bias")
+    assert bias.largest < 1e-6
+    assert not bias.conflicts(max(leaf.largest for leaf in split.leaves))
+    assert "≈0" in _render(t)
+
+
+def test_check_fails_when_parts_do_not_add_up():
+    """A backward seeded with its own gradient (not supported) is shown ✗, never passed off as ✓."""
+    model = MLP()
+    with gradprobe.trace(model, decompose=True) as t:
+        l1, l2 = _mlp_two(model, torch.randn(5, 8))
+        (l1 + l2).backward(torch.tensor(2.0))
+    (split,) = t.splits()
+    assert split.check is False
+    assert "✗" in _render(t)
+
+
+def test_derived_part_gram_matches_computed():
+    """keep='stats': the Gram matrix with a derived middle part equals the fully computed one."""
+    model = MLP()
+    x = torch.randn(5, 8)
+    with gradprobe.trace(model, decompose=True, on_finding="record") as t:
+        for _ in range(2):
+            out = model(x)
+            a = t.name(out.pow(2).mean(), "a")
+            b = t.name(out.tanh().exp().sin().pow(2).mean() * 3, "b")  # the largest graph: derived
+            c = t.name(out[:, 0].sum(), "c")
+            (a + b + c).backward()
+    first, second = t.splits()[:2]
+    assert first.derived is None and second.derived == "b"
+    assert len([f for f in t.findings if f.kind == "conflict"]) == 1  # one finding for both backwards
+    for x1, x2 in zip(first.leaves, second.leaves):
+        for r1, r2 in zip(x1.gram, x2.gram):
+            assert r1 == pytest.approx(r2, rel=1e-4, abs=1e-9)

@@ -8,7 +8,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe._split import CONFLICT_COSINE
+from gradprobe._split import CONFLICT_COSINE, NEGLIGIBLE
 from gradprobe.hookspecs import hookimpl
 from gradprobe.report._format import check_cell, number, share
 
@@ -23,7 +23,7 @@ __all__ = ["DecompositionSection", "split_table"]
 _MAX_SPLITS = 3
 
 
-def _part(view: GramView, i: int) -> Text:
+def _part(view: GramView, i: int, scale: float = 0.0) -> Text:
     if not view.reached[i]:
         return Text("·", style="dim")
     norm = view.norms[i]
@@ -33,12 +33,14 @@ def _part(view: GramView, i: int) -> Text:
         return Text("zero", style="magenta")
     text = Text(number(norm))
     s = view.shares[i]
-    if s is not None:
+    if s is not None and view.largest > NEGLIGIBLE * scale:
         text.append(f" {share(s)}", style="bold" if s >= 0.5 else "")
     return text
 
 
-def _cos(view: GramView, k: int, names: tuple[str, ...]) -> Text:
+def _cos(view: GramView, k: int, names: tuple[str, ...], scale: float) -> Text:
+    if view.gram is not None and 0 < view.largest <= NEGLIGIBLE * scale:
+        return Text("≈0", style="dim")  # round-off next to the model's gradients: no direction to read
     worst: tuple[float, int, int] | None = None
     for i in range(k):
         for j in range(i + 1, k):
@@ -75,21 +77,22 @@ def split_table(split: Split, max_leaf_rows: int = 24) -> RenderableType:
     table.add_column("cos" if k == 2 else "lowest cos", justify="right")
     table.add_column("Σ", justify="center")
     show_leaves = len(split.leaves) <= max_leaf_rows
+    scale = max((leaf.largest for leaf in split.leaves), default=0.0)
     for module in split.modules():
         lone = len(module.leaves) == 1 and module.leaves[0].leaf.name == module.name
         cells: list[Any] = [Text(module.name, style="bold")]
-        cells += [_part(module, i) for i in range(k)]
-        table.add_row(*cells, _cos(module, k, split.losses), check_cell(module.check))
+        cells += [_part(module, i, scale) for i in range(k)]
+        table.add_row(*cells, _cos(module, k, split.losses, scale), check_cell(module.check))
         if show_leaves and not lone:
             for leaf in module.leaves:
                 label = leaf.leaf.name[len(module.name) + 1 :] if leaf.leaf.name.startswith(module.name + ".") else leaf.leaf.name
-                cells = [Text("  " + label, style="dim")] + [_part(leaf, i) for i in range(k)]
-                table.add_row(*cells, _cos(leaf, k, split.losses), check_cell(leaf.check))
+                cells = [Text("  " + label, style="dim")] + [_part(leaf, i, scale) for i in range(k)]
+                table.add_row(*cells, _cos(leaf, k, split.losses, scale), check_cell(leaf.check))
     model = split.model()
     table.add_row(
         Text("(all)", style="bold"),
         *[_part(model, i) for i in range(k)],
-        _cos(model, k, split.losses),
+        _cos(model, k, split.losses, scale),
         check_cell(split.check),
         end_section=True,
     )
@@ -98,7 +101,8 @@ def split_table(split: Split, max_leaf_rows: int = 24) -> RenderableType:
         captions.append(f"{len(split.leaves)} leaves grouped by module; Trace.splits() has every leaf")
     captions.append(
         "‖part‖ share% (projection on the sum; the shares add up to 100%)   · not reached   "
-        f"zero = reached, exactly 0   cos ≤ {CONFLICT_COSINE} (red): the losses pull against each other"
+        f"zero = reached, exactly 0   cos ≤ {CONFLICT_COSINE} (red): the losses pull against each other   "
+        "≈0: round-off-sized gradient, no direction"
         + ("   Σ: the parts add up to what the backward added (rtol 1e-5)" if split.kind == "decomposed" else "")
     )
     table.caption = "\n".join(captions)
