@@ -98,12 +98,11 @@ class Decomposer:
         root = call.roots[0]
         if root.grad_fn is None or root.numel() != 1:
             return
-        components, rest = find_components(root, self.book.candidates(trace._names))
+        components, rest_leaves = find_components(root, self.book.candidates(trace._names))
+        rest = bool(rest_leaves)
         if not components or (len(components) == 1 and not rest):
             return
-        reached: set[int] = set().union(*(c.leaves for c in components))
-        if rest:
-            reached |= {id(t) for t in _leaves_below(root)}
+        reached: set[int] = set().union(*(c.leaves for c in components), rest_leaves)
         allowed = None if call.inputs is None else {id(t) for t in call.inputs}
         states = [
             s
@@ -138,7 +137,7 @@ class Decomposer:
         entry.derived = derived if derived is not None else (len(components) if rest else None)
         keep = trace.keep == "tensors"
         for state, leaf, row in zip(states, leaves, rows):
-            flags = tuple(id(leaf) in c.leaves for c in components) + ((True,) if rest else ())
+            flags = tuple(id(leaf) in c.leaves for c in components) + ((id(leaf) in rest_leaves,) if rest else ())
             red = LeafReduction(state, flags, rows=row)
             entry.entries.append(red)
             entry.handles.append(leaf.register_hook(self._reducer(trace, red, entry.derived, keep)))
@@ -195,12 +194,6 @@ class Decomposer:
             out.append(per)
         self._splits = (version, out)
         return out
-
-
-def _leaves_below(root: torch.Tensor) -> list[torch.Tensor]:
-    from gradprobe._targets import leaves_of_graph
-
-    return leaves_of_graph([root])
 
 
 def _weight_text(values: list[list[float] | None]) -> str:

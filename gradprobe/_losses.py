@@ -147,10 +147,10 @@ def _iter_until(start: Any, stop: dict[Any, Any]) -> Any:
 
 def find_components(
     root: torch.Tensor, candidates: dict[Any, Candidate]
-) -> tuple[list[Component], bool]:
-    """The component groups of ``root`` and whether a rest (paths to leaves outside them) exists."""
+) -> tuple[list[Component], frozenset[int]]:
+    """The component groups of ``root``, and the ids of the leaves its rest (paths outside them) reaches."""
     if root.grad_fn is None or not candidates:
-        return [], False
+        return [], frozenset()
     met, rest_leaves, _ = _walk(root.grad_fn, candidates)
     inner: set[Any] = set()
     reach: dict[Any, tuple[set[int], int]] = {}
@@ -177,4 +177,6 @@ def find_components(
         shapes = tuple(candidates[n][1] for n in nodes_)
         components.append(Component(name, edges, shapes, frozenset(leaves), sum(reach[n][1] for n in nodes_)))
     # a candidate met from the root but also inside another component: the root's own path to it is rest
-    return components, bool(rest_leaves) or bool(inner)
+    for node in inner.intersection(met):
+        rest_leaves |= reach[node][0]
+    return components, frozenset(rest_leaves)

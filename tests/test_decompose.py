@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import io
 import weakref
 
@@ -208,6 +209,7 @@ def test_rest_term_is_shown_as_derived():
     rest = split.leaf("fc1.weight").parts[2]
     torch.testing.assert_close(rest, 2e-2 * model.fc1.weight.detach(), rtol=1e-4, atol=1e-6)
     assert split.leaf("fc2.weight").norms[2] == pytest.approx(0.0, abs=1e-6)
+    assert split.leaf("fc1.weight").reached[2] and not split.leaf("fc2.weight").reached[2]
     assert "(rest)" in _render(t)
 
 
@@ -434,3 +436,35 @@ def test_derived_part_gram_matches_computed():
     for x1, x2 in zip(first.leaves, second.leaves):
         for r1, r2 in zip(x1.gram, x2.gram):
             assert r1 == pytest.approx(r2, rel=1e-4, abs=1e-9)
+
+
+def test_loss_functions_reach_the_mode_and_modules_are_named_at_the_call():
+    """Regression for a torch fact: F.* losses reach a TorchFunctionMode as themselves, nn.*Loss via F."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0])
+    with Spy():
+        F.cross_entropy(x, y)
+        F.mse_loss(x, torch.zeros(4, 3))
+        F.binary_cross_entropy_with_logits(x, torch.ones(4, 3))
+        torch.nn.SmoothL1Loss()(x, torch.zeros(4, 3))
+    assert {F.cross_entropy, F.mse_loss, F.binary_cross_entropy_with_logits, F.smooth_l1_loss} <= set(seen)
+    assert {F.cross_entropy, F.mse_loss, F.binary_cross_entropy_with_logits, F.smooth_l1_loss} <= set(LOSS_FUNCTIONS)
+
+    model = MLP()
+    criterion = torch.nn.CrossEntropyLoss()
+    with gradprobe.trace(model, decompose=True, on_finding="record") as t:
+        out = model(torch.randn(5, 8))
+        ce = criterion(out, torch.zeros(5, dtype=torch.long))
+        line = inspect.currentframe().f_lineno - 1
+        (ce + F.mse_loss(out, torch.zeros_like(out))).backward()
+    (split,) = t.splits()
+    assert split.losses[0] == f"cross_entropy@test_decompose.py:{line}"
