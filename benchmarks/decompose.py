@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--models", nargs="+", default=["CNN", "Block"], choices=["CNN", "Block"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,7 +105,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.repeats} x {args.steps} steps")
     print(f"{'model':12} {'k':>2} {'plain ms':>9} {'decomp ms':>10} {'naive ms':>9} "
           f"{'decomp/plain':>13} {'naive/plain':>12} {'decomp/naive':>13}  strategy  targets")
-    for make in (CNN, Block):
+    for make in [{"CNN": CNN, "Block": Block}[name] for name in args.models]:
         for k in args.ks:
             model = make(k)
             plain_block(model, 2)  # warm up

@@ -107,6 +107,8 @@ def _looped(
         got = [g[j] for g in per_comp]
         if all(g is None for g in got):
             rows.append(None)
+        elif len(got) == 1:
+            rows.append(got[0][None])  # a view: no copy for a single row
         else:
             rows.append(torch.stack([g if g is not None else torch.zeros_like(leaf) for g in got]))
     return rows
