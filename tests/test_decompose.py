@@ -307,6 +307,7 @@ def test_stats_mode_keeps_no_part_copies_and_no_graph():
     entry = t._decomposer().done[0]
     assert all(r.rows is None and r.parts is None and r.gram is not None for r in entry.entries)
     assert not t._decomposer().book._found and not t._decomposer().pending
+    assert all(not p._backward_hooks for p in model.parameters())  # every hook removed at exit
     gc.collect()
     assert probe() is None
 
