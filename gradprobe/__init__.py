@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from gradprobe._ledger import BackwardRecord, Leaf
     from gradprobe._plugins import refresh_plugins
     from gradprobe._sites import Site
+    from gradprobe._split import LeafSplit, ModuleSplit, Split
     from gradprobe._trace import Trace, trace
     from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError, TraceTargetError
     from gradprobe.findings import Finding, RelatedSite
@@ -35,9 +36,12 @@ _EXPORTS = {
     "GradProbeWarning": "gradprobe.exceptions",
     "Leaf": "gradprobe._ledger",
     "LeafBreakdown": "gradprobe._breakdown",
+    "LeafSplit": "gradprobe._split",
+    "ModuleSplit": "gradprobe._split",
     "Part": "gradprobe._breakdown",
     "RelatedSite": "gradprobe.findings",
     "Site": "gradprobe._sites",
+    "Split": "gradprobe._split",
     "Trace": "gradprobe._trace",
     "TraceStateError": "gradprobe.exceptions",
     "TraceTargetError": "gradprobe.exceptions",

@@ -4,7 +4,8 @@
 # Every torch call made while a trace is active passes through `__torch_function__`, so the
 # common case (an op nobody watches) is one dict lookup and a call. In-place writes are only
 # classified when some plugin implements `gradprobe_inplace_write`, and the classification of each
-# function is cached.
+# function is cached. Functions a plugin watches (backward calls; loss functions while decomposing)
+# sit in one dispatch table, `Interceptor.table`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ __all__ = ["Interceptor", "written_tensors"]
 
 _GRAD_GET = torch.Tensor.grad.__get__
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
-_BACKWARD = dict.fromkeys(BACKWARD_FUNCTIONS, True)
 _INPLACE_DUNDERS = frozenset(
     f"__i{op}__"
     for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift", "matmul")
@@ -100,6 +100,13 @@ class Interceptor(TorchFunctionMode):
         self.watch_grad_reads = False
         self.watch_writes = False
         self._writes_cache: dict[Any, int] = {}
+        # func -> handler(func, args, kwargs): the only per-call lookup for functions nobody watches
+        self.table: dict[Any, Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]] = dict.fromkeys(
+            BACKWARD_FUNCTIONS, self._backward
+        )
+
+    def _backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self._trace._run_backward(func, args, kwargs)
 
     def __torch_function__(
         self,
@@ -110,8 +117,9 @@ class Interceptor(TorchFunctionMode):
     ) -> Any:
         if kwargs is None:
             kwargs = {}
-        if func in _BACKWARD:
-            return self._trace._run_backward(func, args, kwargs)
+        handler = self.table.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
         if (self.watch_grad_reads or self.watch_writes) and _is_compiling():
             pass  # Dynamo is tracing a compiled region: see NOTE [torch.compile] in _transforms.py
         elif self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:

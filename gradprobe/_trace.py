@@ -18,7 +18,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -27,6 +27,7 @@ import torch
 from gradprobe._assertions import TraceAssertions
 from gradprobe._breakdown import FinalGrad, LeafBreakdown, compute_breakdown, snapshot_final
 from gradprobe._calls import BackwardCall, describe_call
+from gradprobe._decompose_plugin import parse_decompose
 from gradprobe._intercept import Interceptor
 from gradprobe._ledger import BackwardRecord, Leaf, Ledger, LeafState
 from gradprobe._plugins import PluginHost
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from gradprobe._distributed import MergedTrace
+    from gradprobe._split import Split
     from gradprobe.findings import Finding
 
 __all__ = ["Trace", "trace"]
@@ -59,6 +61,7 @@ def trace(
     disable: Iterable[str] = (),
     console: Console | None = None,
     detect: str | Iterable[str] = "default",
+    decompose: bool | str = False,
 ) -> Trace:
     """Record every backward call's exact contribution to the gradients of ``targets``.
 
@@ -76,6 +79,10 @@ def trace(
         console: the rich console ``report=True`` prints to.
         detect: which built-in mistake detectors run: ``"default"`` (the cheap ones), ``"all"``, or
             an iterable of detector names (see :mod:`gradprobe.detectors`).
+        decompose: split each backward of a combined loss (``(l_cls + 0.5 * l_box).backward()``) into
+            the part each component loss adds: ``True``, ``False`` or ``"every:N"`` (every N-th backward).
+            Components are losses named with :meth:`Trace.name` / :meth:`Trace.losses` and the outputs of
+            ``torch.nn.functional`` losses called inside the trace. See :meth:`Trace.splits`.
 
     Example::
 
@@ -93,6 +100,7 @@ def trace(
         disable=disable,
         console=console,
         detect=detect,
+        decompose=decompose,
     )
 
 
@@ -110,13 +118,16 @@ class Trace(TraceAssertions):
         disable: Iterable[str] = (),
         console: Console | None = None,
         detect: str | Iterable[str] = "default",
+        decompose: bool | str = False,
         _frame_depth: int = 2,
     ) -> None:
         if keep not in ("stats", "tensors"):
             raise ValueError(f"trace(keep=...) must be 'stats' or 'tensors', got {keep!r}")
         if on_finding not in ("warn", "raise", "record"):
             raise ValueError(f"trace(on_finding=...) must be 'warn', 'raise' or 'record', got {on_finding!r}")
+        parse_decompose(decompose)  # validates
         self.keep: Keep = keep
+        self.decompose = decompose
         self.on_finding: Policy = on_finding
         self._print_report = report
         self._console = console
@@ -177,6 +188,36 @@ class Trace(TraceAssertions):
         if state is not None and state.leaf.tensor is tensor:
             state.leaf = replace(state.leaf, name=name)
         return tensor
+
+    def losses(self, losses: Any) -> Any:
+        """Name the component losses of a combined loss (a dict ``{name: loss}``); returns ``losses``.
+
+        Example: ``total = sum(t.losses({"cls": l_cls, "box": l_box}).values())``.
+        """
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"Trace.losses() takes a dict {{name: loss tensor}}, got {type(losses).__name__}")
+        for name, loss in losses.items():
+            self.name(loss, str(name))
+        return losses
+
+    def splits(self) -> list[Split]:
+        """Per-loss splits: one per decomposed backward, then the final .grad split by backward call."""
+        return self._decomposer().splits(self)
+
+    def plot(self, path: str | None = None, split: int = -1) -> Any:
+        """Draw "gradient flow by loss" per module (needs ``pip install gradprobe[plot]``); returns the figure."""
+        from gradprobe._plot import plot_split
+
+        splits = self.splits()
+        if not splits:
+            raise ValueError("Trace.plot(): nothing to plot; use trace(..., decompose=True) or 2+ backward calls")
+        return plot_split(splits[split], path)
+
+    def _decomposer(self) -> Any:
+        plugin = self._plugins.pm.get_plugin("decompose")
+        if plugin is None:
+            raise RuntimeError("the 'decompose' plugin is disabled in this trace (trace(disable=['decompose']))")
+        return plugin
 
     def given_name(self, tensor: torch.Tensor) -> str | None:
         """The name given with :meth:`name`, if any."""

@@ -167,6 +167,9 @@ class Unreached:
         leaves = trace._ledger.leaves
         findings = []
         missed = [state.leaf.name for state in leaves if not state.parts and _wants_grad(state)]
+        if all(r.inputs is not None for r in records):  # every backward chose its inputs= on purpose
+            chosen = {name for r in records for name in r.inputs or ()}
+            missed = [name for name in missed if name in chosen]
         if missed:
             shown = ", ".join(f"`{n}`" for n in missed[:6]) + (f" and {len(missed) - 6} more" if len(missed) > 6 else "")
             findings.append(Finding(

@@ -1,0 +1,225 @@
+"""Per-loss parts of one backward of a combined loss: weights from the graph, parts by autograd.grad.
+
+# NOTE [weights]
+# For a root r built from component losses l_1..l_k (any differentiable combination), the chain
+# rule over the cut the components form gives d r / d p = sum_i (d r / d l_i) * d l_i / d p. The
+# weights w_i = d r / d l_i come from one cheap autograd.grad(r, [l_1..l_k]) (it only runs the few
+# nodes above the losses), so losses used twice or scaled by a tensor are handled exactly.
+
+# NOTE [strategy]
+# The parts w_i * g_i can be had from one vectorized autograd.grad over the k losses
+# (is_grads_batched=True, grad_outputs = rows of a weighted identity) or from k separate calls. The
+# vectorized call runs every backward formula under vmap; some (convolution, batch norm) go through a
+# slow per-row fallback, so on CNNs it can lose to the loop. The first decomposed backward of a model
+# times both, checks the sum of all k parts against what the backward really added, and keeps the
+# faster strategy. Later backwards compute k-1 parts and derive the last one (the loss whose graph is
+# largest, i.e. the most expensive pass) from the backward's own gradient: k-1 extra passes.
+
+# NOTE [memory]
+# The rows are held from before the user's backward until that backward's tensor hook on the leaf,
+# which reduces them to a k x k Gram matrix (norms, dots, hence shares and cosines) and the check.
+# Only with keep="tensors" are the parts themselves kept.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from gradprobe._ledger import LeafState
+    from gradprobe._losses import Component
+
+__all__ = ["LeafReduction", "compute_rows", "reduce_rows", "weights_of"]
+
+Strategy = Literal["batched", "loop"]
+
+
+@dataclass(eq=False)
+class LeafReduction:
+    """Device-side statistics of one leaf's per-loss parts (not read back until asked)."""
+
+    state: LeafState
+    reached: tuple[bool, ...]  # per loss: its graph reaches the leaf
+    gram: torch.Tensor | None = None  # k x k <part_i, part_j>
+    error: torch.Tensor | None = None  # max |sum of parts - what the backward added|
+    total_absmax: torch.Tensor | None = None  # max |.| of the backward's gradient and of the parts
+    parts: torch.Tensor | None = None  # keep="tensors": (k, *shape)
+    rows: torch.Tensor | None = field(default=None, repr=False)  # pending computed rows, until reduced
+
+
+def weights_of(root: torch.Tensor, components: list[Component]) -> list[list[torch.Tensor]]:
+    """``d root / d loss`` for every tensor of every component (one small autograd.grad call)."""
+    flat = [e for c in components for e in c.edges]
+    grads = torch.autograd.grad(root, flat, retain_graph=True, allow_unused=True)
+    out: list[list[torch.Tensor]] = []
+    it = iter(grads)
+    for c in components:
+        out.append([g if g is not None else root.new_zeros(s) for s, g in zip(c.shapes, it)])
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batched(
+    components: list[Component], weights: list[list[torch.Tensor]], leaves: list[torch.Tensor]
+) -> tuple[list[torch.Tensor | None], str]:
+    k = len(components)
+    outputs, grad_outputs = [], []
+    for b, (comp, ws) in enumerate(zip(components, weights)):
+        for e, w in zip(comp.edges, ws):
+            go = w.new_zeros((k, *w.shape))
+            go[b] = w
+            outputs.append(e)
+            grad_outputs.append(go)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = torch.autograd.grad(
+            outputs, leaves, grad_outputs, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    slow = sorted({_op_of(str(w.message)) for w in caught if "performance drop" in str(w.message)})
+    note = f"vmap had no batching rule for {', '.join(slow)} (ran a per-row fallback)" if slow else ""
+    return list(rows), note
+
+
+def _op_of(message: str) -> str:
+    marker = "batching rule for "
+    i = message.find(marker)
+    return message[i + len(marker) :].split(".")[0].split(" ")[0] if i >= 0 else "some op"
+
+
+def _looped(
+    components: list[Component], weights: list[list[torch.Tensor]], leaves: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    per_comp = [
+        torch.autograd.grad(list(c.edges), leaves, list(ws), retain_graph=True, allow_unused=True)
+        for c, ws in zip(components, weights)
+    ]
+    rows: list[torch.Tensor | None] = []
+    for j, leaf in enumerate(leaves):
+        got = [g[j] for g in per_comp]
+        if all(g is None for g in got):
+            rows.append(None)
+        elif len(got) == 1:
+            rows.append(got[0][None])  # a view: no copy for a single row
+        else:
+            rows.append(torch.stack([g if g is not None else torch.zeros_like(leaf) for g in got]))
+    return rows
+
+
+def compute_rows(
+    components: list[Component],
+    weights: list[list[torch.Tensor]],
+    leaves: list[torch.Tensor],
+    strategy: Strategy | None,
+) -> tuple[list[torch.Tensor | None], Strategy, str, dict[str, float]]:
+    """Rows ``w_i * g_i`` per leaf, as ``(k, *leaf.shape)`` (None: no component reaches the leaf).
+
+    With ``strategy=None`` both ways are timed and the faster is returned as the choice. Returns
+    (rows, strategy used, note, timings in seconds).
+    """
+    device = leaves[0].device
+    timings: dict[str, float] = {}
+    note = ""
+    if len(components) == 1 and strategy is not None:
+        strategy = "loop"  # one row: nothing to vectorize
+    rows: list[torch.Tensor | None] | None = None
+    if strategy in (None, "batched"):
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            rows, note = _batched(components, weights, leaves)
+        except RuntimeError as exc:  # an op vmap cannot run at all
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            note = f"vmap failed ({first[:120]}); used one autograd.grad call per loss"
+            strategy = "loop"
+        else:
+            _sync(device)
+            timings["batched"] = time.perf_counter() - start
+    if strategy in (None, "loop"):
+        _sync(device)
+        start = time.perf_counter()
+        looped = _looped(components, weights, leaves)
+        _sync(device)
+        timings["loop"] = time.perf_counter() - start
+        if rows is not None and strategy is None:
+            # a first call pays warm-ups (vmap, the engine's threads): time the slower way once more
+            if timings["loop"] < timings["batched"]:
+                _sync(device)
+                start = time.perf_counter()
+                rows, note = _batched(components, weights, leaves)
+                _sync(device)
+                timings["batched"] = min(timings["batched"], time.perf_counter() - start)
+            else:
+                _sync(device)
+                start = time.perf_counter()
+                looped = _looped(components, weights, leaves)
+                _sync(device)
+                timings["loop"] = min(timings["loop"], time.perf_counter() - start)
+        # the loop must lose clearly: one timing is noisy, and the loop has no vmap fallbacks to hit
+        if rows is None or timings["loop"] < 1.1 * timings.get("batched", float("inf")):
+            rows = looped
+            strategy = "loop"
+        else:
+            strategy = "batched"
+    assert rows is not None and strategy is not None
+    if strategy == "loop" and note.startswith("vmap had"):
+        note = "one call per loss was faster: " + note
+    return rows, strategy, note, timings
+
+
+def reduce_rows(
+    entry: LeafReduction,
+    total: torch.Tensor | None,
+    derived: int | None,
+    keep_tensors: bool,
+) -> None:
+    """Reduce a leaf's pending rows to its Gram matrix and check, against the backward's ``total``.
+
+    ``derived``: position of the part not computed, which is ``total`` minus the computed ones.
+    Runs inside the user's backward (a tensor hook): no host read-back here.
+    """
+    with torch.no_grad():
+        rows = entry.rows
+        entry.rows = None
+        leaf = entry.state.leaf
+        n = 1
+        for s in leaf.shape:
+            n *= s
+        computed = len(entry.reached) - (1 if derived is not None else 0)
+        if rows is None:
+            flat = torch.zeros((computed, n), dtype=leaf.dtype, device=leaf.device)
+        else:
+            flat = (rows.to_dense() if rows.is_sparse else rows).reshape(computed, n)
+        if total is not None:
+            total = (total.to_dense() if total.is_sparse else total).detach().reshape(n)
+            entry.total_absmax = total.abs().max() if n else total.new_zeros(())
+        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        if derived is not None:
+            if total is None:
+                return  # the backward never reached this leaf: nothing to derive from
+            last = total - flat.sum(0)
+            rows_acc, last_acc = flat.to(acc), last.to(acc)
+            cross = rows_acc @ last_acc  # <computed_i, derived>, without stacking a k-th copy
+            top = torch.cat([rows_acc @ rows_acc.T, cross[:, None]], 1)
+            gram = torch.cat([top, torch.cat([cross, (last_acc @ last_acc)[None]])[None]], 0)
+            gram = torch.cat([gram[:derived], gram[-1:], gram[derived:-1]], 0)  # derived row to its place
+            entry.gram = torch.cat([gram[:, :derived], gram[:, -1:], gram[:, derived:-1]], 1)
+            if keep_tensors:
+                flat = torch.cat([flat[:derived], last[None], flat[derived:]])
+        else:
+            if total is not None and n:
+                entry.error = (flat.sum(0) - total).abs().max()
+                # round-off scales with the summands, which can be larger than their sum (losses that cancel)
+                entry.total_absmax = torch.maximum(entry.total_absmax, flat.abs().max())
+            rows_acc = flat.to(acc)
+            entry.gram = rows_acc @ rows_acc.T
+        if keep_tensors:
+            entry.parts = flat.reshape(len(entry.reached), *leaf.shape).clone()

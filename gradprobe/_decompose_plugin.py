@@ -1,0 +1,293 @@
+"""The built-in ``decompose`` plugin: splits backwards of combined losses, finds conflicting losses.
+
+It watches ``torch.nn.functional`` losses through the interceptor (only when ``decompose`` is on),
+computes per-loss parts before a backward runs (see :mod:`gradprobe._decompose`), reduces them in
+that backward's own leaf hooks, and turns everything into :class:`~gradprobe.Split` objects, conflict
+findings and a report section.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from gradprobe._decompose import LeafReduction, compute_rows, reduce_rows, weights_of
+from gradprobe._losses import LOSS_FUNCTIONS, LossBook, find_components
+from gradprobe._sites import user_frame
+from gradprobe._split import FLOOR, RTOL, LeafSplit, Split
+from gradprobe._split_sources import per_backward_split, read_back
+from gradprobe.findings import Finding
+from gradprobe.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from gradprobe._calls import BackwardCall
+    from gradprobe._ledger import BackwardRecord
+    from gradprobe._trace import Trace
+
+__all__ = ["Decomposer", "parse_decompose"]
+
+
+def parse_decompose(value: object) -> int:
+    """``True`` → 1, ``False`` → 0, ``"every:N"`` → N (decompose every N-th backward)."""
+    if value is True:
+        return 1
+    if value is False or value is None:
+        return 0
+    if isinstance(value, str) and value.startswith("every:"):
+        try:
+            every = int(value[6:])
+        except ValueError:
+            every = 0
+        if every >= 1:
+            return every
+    raise ValueError(
+        f"trace(decompose=...) must be True, False or 'every:N' with N >= 1 (e.g. 'every:100'), got {value!r}"
+    )
+
+
+class _Pending:
+    """One decomposed backward between its before- and after-backward hooks (holds live tensors)."""
+
+    def __init__(
+        self, record: int, names: list[str], weights: list[list[torch.Tensor]], strategy: str, notes: list[str]
+    ) -> None:
+        self.record = record
+        self.names = names
+        self.weights = weights
+        self.strategy = strategy
+        self.notes = notes
+        self.derived: int | None = None
+        self.entries: list[LeafReduction] = []
+        self.handles: list[Any] = []
+
+
+class Decomposer:
+    """Built-in plugin behind ``trace(..., decompose=...)``."""
+
+    def __init__(self) -> None:
+        self.every = 0
+        self.book = LossBook()
+        self.calls = 0
+        self.strategies: dict[frozenset[int], str] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.done: list[_Pending] = []
+        self._splits: tuple[int, list[Split]] | None = None
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    @hookimpl
+    def gradprobe_trace_start(self, trace: Trace) -> None:
+        self.every = parse_decompose(trace.decompose)
+        if self.every:
+            trace._mode.table.update(dict.fromkeys(LOSS_FUNCTIONS, self._on_loss))
+
+    def _on_loss(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        out = func(*args, **kwargs)
+        self.book.add(out, func, user_frame())
+        return out
+
+    @hookimpl
+    def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
+        if not self.every or call.create_graph or call.is_grads_batched or len(call.roots) != 1:
+            return
+        self.calls += 1
+        if (self.calls - 1) % self.every:
+            return
+        root = call.roots[0]
+        if root.grad_fn is None or root.numel() != 1:
+            return
+        components, rest_leaves = find_components(root, self.book.candidates(trace._names))
+        rest = bool(rest_leaves)
+        if not components or (len(components) == 1 and not rest):
+            return
+        reached: set[int] = set().union(*(c.leaves for c in components), rest_leaves)
+        allowed = None if call.inputs is None else {id(t) for t in call.inputs}
+        states = [
+            s
+            for s in trace._ledger.leaves
+            if id(s.leaf.tensor) in reached and (allowed is None or id(s.leaf.tensor) in allowed)
+        ]
+        if not states:
+            return
+        leaves = [s.leaf.tensor for s in states]
+        key = frozenset(id(t) for t in leaves)
+        chosen = self.strategies.get(key)
+        derived = None
+        computed = list(components)
+        if chosen is not None and not rest:
+            derived = max(range(len(components)), key=lambda i: components[i].size)
+            computed.pop(derived)
+        with trace.muted():
+            weights = weights_of(root, components)
+            wmap = dict(zip((c.name for c in components), weights))
+            rows, strategy, note, timings = compute_rows(
+                computed, [wmap[c.name] for c in computed], leaves, chosen  # type: ignore[arg-type]
+            )
+        names = [c.name for c in components] + (["(rest)"] if rest else [])
+        notes = [note] if note else []
+        if chosen is None:
+            self.strategies[key] = strategy
+            told = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in timings.items())
+            how = f"{strategy}, chosen by timing on this backward ({told})"
+        else:
+            how = f"{strategy}, {len(computed)} extra pass{'es' * (len(computed) != 1)}"
+        entry = _Pending(call.index, names, [[w.detach() for w in ws] for ws in weights], how, notes)
+        entry.derived = derived if derived is not None else (len(components) if rest else None)
+        keep = trace.keep == "tensors"
+        for state, leaf, row in zip(states, leaves, rows):
+            flags = tuple(id(leaf) in c.leaves for c in components) + ((id(leaf) in rest_leaves,) if rest else ())
+            red = LeafReduction(state, flags, rows=row)
+            entry.entries.append(red)
+            entry.handles.append(leaf.register_hook(self._reducer(trace, red, entry.derived, keep)))
+        self.pending[call.index] = entry
+
+    @staticmethod
+    def _reducer(trace: Trace, red: LeafReduction, derived: int | None, keep: bool) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if not trace._muted and red.gram is None:
+                reduce_rows(red, grad, derived, keep)
+
+        return hook
+
+    @hookimpl
+    def gradprobe_after_backward(self, trace: Trace, record: BackwardRecord, error: BaseException | None) -> None:
+        if not record.retain_graph:
+            self.book.release()
+        entry = self.pending.pop(record.index, None)
+        if entry is None:
+            return
+        for handle in entry.handles:
+            handle.remove()
+        entry.handles = []
+        if error is not None:
+            return
+        for red in entry.entries:
+            if red.rows is not None or red.gram is None:
+                reduce_rows(red, None, entry.derived, trace.keep == "tensors")
+        self.done.append(entry)
+        self._splits = None
+
+    @hookimpl
+    def gradprobe_trace_end(self, trace: Trace) -> None:
+        self.book.release()
+        for entry in self.pending.values():
+            for handle in entry.handles:
+                handle.remove()
+        self.pending.clear()
+
+    @hookimpl
+    def gradprobe_collect_findings(self, trace: Trace) -> list[Finding]:
+        return conflict_findings(self.splits(trace))
+
+    # -- data --------------------------------------------------------------------------------
+
+    def splits(self, trace: Trace) -> list[Split]:
+        """Decomposed splits in call order, then the per-backward split (if 2+ backwards fed .grad)."""
+        version = trace._ledger.version
+        if self._splits is not None and self._splits[0] == version:
+            return self._splits[1]
+        out = [_to_split(trace, entry) for entry in self.done]
+        per = per_backward_split(trace)
+        if per is not None:
+            out.append(per)
+        self._splits = (version, out)
+        return out
+
+
+def _weight_text(values: list[list[float] | None]) -> str:
+    distinct = sorted({round(v[0], 6) for v in values if v})
+    return "/".join(f"{v:g}" for v in distinct) or "?"
+
+
+def _to_split(trace: Trace, entry: _Pending) -> Split:
+    tensors: list[torch.Tensor | None] = []
+    for red in entry.entries:
+        tensors += [red.gram, red.error, red.total_absmax]
+    for ws in entry.weights:
+        tensors += ws
+    values = read_back(tensors)
+    flat_w = iter(values[3 * len(entry.entries) :])
+    weights = [_weight_text([next(flat_w) for _ in ws]) for ws in entry.weights]
+    absmaxes = [values[3 * i + 2] for i in range(len(entry.entries))]
+    model_max = max((a[0] for a in absmaxes if a is not None), default=0.0)
+    leaves = []
+    k = len(entry.names)
+    for i, red in enumerate(entry.entries):
+        gram_v, err_v, absmax_v = values[3 * i : 3 * i + 3]
+        gram = None if gram_v is None else tuple(tuple(gram_v[r * k : (r + 1) * k]) for r in range(k))
+        error = err_v[0] if err_v is not None else None
+        tol = None
+        if error is not None and absmax_v is not None:
+            tol = RTOL * max(absmax_v[0], FLOOR * model_max)
+            error = error if math.isfinite(error) else float("inf")
+        parts = tuple(red.parts.unbind(0)) if red.parts is not None else None
+        leaves.append(LeafSplit(red.state.leaf, gram, red.reached, error, tol, parts))
+    record = trace._ledger.records[entry.record]
+    notes = list(entry.notes)
+    derived = entry.names[entry.derived] if entry.derived is not None else None
+    if derived == "(rest)":
+        notes.append("(rest): terms of the root outside the named losses = the backward's gradient minus the parts")
+    elif derived is not None:
+        notes.append(
+            f"{derived}: the backward's own gradient minus the other parts (k-1 extra passes); "
+            "the sum was checked on the first decomposed backward"
+        )
+    return Split(
+        title=record.name,
+        kind="decomposed",
+        record=record.index,
+        site=record.site,
+        losses=tuple(entry.names),
+        weights=tuple(weights),
+        leaves=tuple(leaves),
+        strategy=entry.strategy,
+        notes=tuple(notes),
+        derived=derived,
+    )
+
+
+def conflict_findings(splits: list[Split]) -> list[Finding]:
+    """One ``conflict`` finding per pair of losses that pull against each other in some module.
+
+    Decomposed backwards of one training loop are pooled: a pair is reported once, with the modules
+    and the worst cosine seen, and in how many of the splits it showed.
+    """
+    pairs: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for split in splits:
+        scale = max((m.largest for m in split.modules()), default=0.0)
+        for module in split.modules():
+            for i, j, cos in module.conflicts(scale):
+                key = (split.kind, split.losses[i], split.losses[j])
+                seen = pairs.setdefault(key, {"modules": {}, "splits": set(), "first": split})
+                seen["splits"].add(id(split))
+                seen["modules"][module.name] = min(cos, seen["modules"].get(module.name, 1.0))
+    findings = []
+    for (kind, a, b), seen in pairs.items():
+        where = sorted(seen["modules"].items(), key=lambda x: x[1])
+        total = sum(1 for s in splits if s.kind == kind and {a, b} <= set(s.losses))
+        shown = ", ".join(f"{name} ({cos:+.2f})" for name, cos in where[:4])
+        more = f" and {len(where) - 4} more" if len(where) > 4 else ""
+        first: Split = seen["first"]
+        what = f"{first.title!r}" if kind == "decomposed" else "the final .grad"
+        often = f" in {len(seen['splits'])} of {total} decomposed backwards" if total > 1 else ""
+        findings.append(
+            Finding(
+                code="GP400",
+                kind="conflict",
+                severity="warning",
+                message=(
+                    f"losses {a!r} and {b!r} pull against each other in {len(where)} module"
+                    f"{'s' * (len(where) != 1)} of {what}{often}: {shown}{more} (cosine of their gradients)"
+                ),
+                site=first.site,
+                fix=(
+                    f"check the sign and weight of {a!r} / {b!r}; if both are right, the shared layers serve "
+                    "competing objectives (reweight, separate heads, or a gradient-surgery method such as PCGrad)"
+                ),
+                plugin="decompose",
+                data={"losses": [a, b], "modules": [[n, c] for n, c in where], "split": kind},
+            )
+        )
+    return findings
