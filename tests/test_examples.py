@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+EXAMPLES = sorted(p for p in (Path(__file__).parent.parent / "examples").glob("*.py") if not p.name.startswith("_"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
@@ -16,6 +16,7 @@ def test_example_runs(path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytes
     """The example script runs without error and prints a report."""
     monkeypatch.setattr(sys, "argv", [str(path)])
     monkeypatch.chdir(path.parent)
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python examples/x.py` does
     runpy.run_path(str(path), run_name="__main__")
     out = capsys.readouterr().out
     assert "gradprobe" in out or "Gradient" in out, f"{path.name} printed no report"
