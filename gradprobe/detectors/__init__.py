@@ -24,6 +24,8 @@ GP302   inplace_saved          error     no       the backward unpacked a saved 
                                                   (the version check gradprobe's saved-tensor hooks redo)
 GP303   inplace_saved          warning   no       a write through ``.data`` to a saved tensor: PyTorch will not
                                                   notice and the gradient is silently wrong
+GP400   conflict (decompose)   warning   yes      two losses pull a module's gradient against each other (cosine
+                                                  <= -0.5, both parts non-negligible)
 GP401   stale_grad             warning   yes      a backward adds to ``.grad`` left from before an optimizer step
                                                   (zero_grad() missing)
 GP402   stale_grad             warning   yes      ``.grad`` was already non-zero when the trace started
