@@ -123,11 +123,25 @@ def _json_float(x: float | None) -> float | str | None:
 
 
 def snapshot_final(ledger: Ledger) -> list[FinalGrad]:
-    """Snapshot every leaf's current `.grad` on its device (no read-back)."""
+    """Snapshot every leaf's current `.grad` on its device (no read-back).
+
+    The norms are taken in one ``torch._foreach_norm`` per (device, dtype); a `.grad` that is still
+    exactly the one part it was measured from reuses that part's norm.
+    """
+    ledger.flush()
     finals = []
+    batch: dict[tuple[torch.device, torch.dtype], list[tuple[FinalGrad, torch.Tensor]]] = {}
     with torch.no_grad():
         for state in ledger.leaves:
-            finals.append(_snapshot_leaf(ledger, state))
+            final, grad = _snapshot_leaf(ledger, state)
+            finals.append(final)
+            if grad is not None:
+                batch.setdefault((grad.device, grad.dtype), []).append((final, grad))
+        for (_, dtype), items in batch.items():
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            norms = torch._foreach_norm([grad for _, grad in items], 2, dtype=acc)
+            for (final, _), norm in zip(items, norms):
+                final.norm = norm
     return finals
 
 
@@ -140,15 +154,15 @@ def _accumulating(part: PartStats) -> bool:
     return part.accumulated
 
 
-def _snapshot_leaf(ledger: Ledger, state: LeafState) -> FinalGrad:
+def _snapshot_leaf(ledger: Ledger, state: LeafState) -> tuple[FinalGrad, torch.Tensor | None]:
+    """The leaf's FinalGrad, and its `.grad` when the norm is still to be taken in a batch."""
     tensor = state.leaf.tensor
     grad = tensor.grad if tensor is not None else None
     if grad is None:
-        return FinalGrad(False, None, False, {}, None)
+        return FinalGrad(False, None, False, {}, None), None
     after = state.after() if state.after is not None else None
     continuous = after is grad and grad._version == state.after_version
     grad = grad.detach()
-    norm, _ = _norms(grad)
     dots: dict[int, torch.Tensor] = {}
     bitwise = None
     if ledger.keep == "tensors" and continuous:
@@ -161,7 +175,16 @@ def _snapshot_leaf(ledger: Ledger, state: LeafState) -> FinalGrad:
             dots[i] = _dot(part.tensor, grad)
             total = part.tensor.clone() if total is None else total + part.tensor
         bitwise = total is not None and torch.equal(total, grad)
-    return FinalGrad(True, norm, continuous, dots, bitwise)
+    final = FinalGrad(True, None, continuous, dots, bitwise)
+    last = state.parts[-1] if state.parts else None
+    if continuous and last is not None and last.from_grad and last.norm is not None and last.epoch == state.epoch:
+        if last.accumulated and sum(1 for p in state.parts if p.epoch == state.epoch) == 1:
+            final.norm = last.norm  # .grad is still exactly the part it was measured from
+            return final, None
+    if grad.is_sparse or grad.is_complex() or grad.layout != torch.strided:
+        final.norm, _ = _norms(grad)
+        return final, None
+    return final, grad
 
 
 def _read_back(tensors: list[torch.Tensor]) -> list[float]:

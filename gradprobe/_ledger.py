@@ -16,6 +16,17 @@
 # In keep="stats" mode a hook launches two or three reductions (norm, abs-max, dot with what .grad
 # held before) and keeps the 0-d results on the gradient's device. Nothing is read back to the host
 # until someone asks for numbers (breakdown/report/to_dict), and then all at once.
+
+# NOTE [deferred stats]
+# Most parts open an epoch: `.grad` was None before the backward, so AccumulateGrad stores the part
+# itself (or a same-valued copy) as `.grad`. For those, in keep="stats" mode, the tensor hook only
+# notes the part and the statistics are taken later from `.grad`, for many leaves at once with
+# `torch._foreach_norm` (a fused kernel on CUDA; on the CPU it still saves the Python work per leaf):
+# at the end of the backward (an engine callback), or sooner if anything could change `.grad` first.
+# Nothing is held meanwhile but the weak reference the post-accumulate hook keeps anyway, so no
+# gradient lives longer than it would untraced. Deferral is only used when the trace's own
+# post-accumulate hook is the only one on the leaf (a user's hook, e.g. an optimizer step in
+# backward, could replace `.grad` before the flush); otherwise the part is measured in the hook.
 """
 
 from __future__ import annotations
@@ -122,11 +133,12 @@ class PartStats:
 
     record: int
     epoch: int
-    norm: torch.Tensor
-    absmax: torch.Tensor
+    norm: torch.Tensor | None  # None only while deferred (see NOTE [deferred stats])
+    absmax: torch.Tensor | None
     dot_before: torch.Tensor | None  # <part, .grad before it>, None when .grad was None
     tensor: torch.Tensor | None = None  # keep="tensors" only
     accumulated: bool = False
+    from_grad: bool = False  # stats were taken from the `.grad` AccumulateGrad stored (deferred)
 
 
 @dataclass(eq=False)
@@ -165,17 +177,40 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a, b)
 
 
+def _deferrable(tensor: torch.Tensor | None, grad: torch.Tensor) -> bool:
+    if tensor is None or grad.is_sparse or grad.is_complex() or grad.layout != torch.strided:
+        return False
+    hooks = tensor._post_accumulate_grad_hooks
+    return hooks is not None and len(hooks) == 1  # only the trace's own (NOTE [deferred stats])
+
+
+def _stored_part(state: LeafState) -> torch.Tensor | None:
+    """`.grad` if it is still exactly what AccumulateGrad stored for the deferred part, else None."""
+    part = state.deferred
+    if part is None or not part.accumulated or state.after is None:
+        return None
+    grad = state.after()
+    if grad is None or grad._version != state.after_version:
+        return None
+    tensor = state.ref()  # type: ignore[misc]
+    if tensor is None or tensor.grad is not grad:
+        return None
+    return grad.detach()
+
+
 class LeafState:
     """Everything the ledger knows about one leaf; mutated only from its own hooks."""
 
-    __slots__ = ("leaf", "parts", "epochs", "after", "after_version")
+    __slots__ = ("leaf", "parts", "epochs", "after", "after_version", "deferred", "ref")
 
     def __init__(self, leaf: Leaf) -> None:
         self.leaf = leaf
+        self.ref = leaf.ref
         self.parts: list[PartStats] = []
         self.epochs: list[EpochStart] = []
         self.after: weakref.ReferenceType[torch.Tensor] | None = None  # .grad left by AccumulateGrad
         self.after_version = -1
+        self.deferred: PartStats | None = None  # a part whose stats are still to be taken from .grad
 
     @property
     def epoch(self) -> int:
@@ -191,6 +226,7 @@ class Ledger:
         self.leaves: list[LeafState] = []
         self.lock = threading.Lock()
         self.version = 0  # bumped on every change, so read-backs know when to refresh
+        self.pending: list[LeafState] = []  # leaves with a deferred part (NOTE [deferred stats])
 
     def add_record(self, **fields: object) -> BackwardRecord:
         with self.lock:
@@ -217,13 +253,24 @@ class Ledger:
 
     def on_part(self, state: LeafState, record: BackwardRecord, grad: torch.Tensor) -> None:
         """Record the gradient ``record`` is about to add to ``state``'s leaf (tensor hook)."""
+        if state.deferred is not None:
+            self._settle(state)  # .grad still holds exactly that part: measure it before it changes
+        if record.accumulates:
+            tensor = state.ref()  # type: ignore[misc]
+            before = tensor.grad if tensor is not None else None
+            if before is None and self.keep == "stats" and _deferrable(tensor, grad):
+                self._maybe_new_epoch(state, record, None)
+                part = PartStats(record.index, len(state.epochs) - 1, None, None, None, from_grad=True)
+                state.parts.append(part)
+                state.deferred = part
+                self.pending.append(state)
+                self.version += 1
+                return
         with torch.no_grad():
             g = grad.detach()
             norm, absmax = _norms(g)
             dot_before = None
             if record.accumulates:
-                tensor = state.leaf.tensor
-                before = tensor.grad if tensor is not None else None
                 if before is not None and before.shape != g.shape:
                     before = None
                 self._maybe_new_epoch(state, record, before)
@@ -234,6 +281,53 @@ class Ledger:
                 PartStats(record.index, state.epoch, norm, absmax, dot_before, kept, accumulated=False)
             )
         self.version += 1
+
+    def flush(self, everything: bool = False) -> None:
+        """Take the deferred statistics from `.grad`, batched per (device, dtype).
+
+        Only parts AccumulateGrad has stored are measured (a backward running on another thread may
+        not be there yet), unless ``everything``: then a part whose `.grad` is gone gets NaN stats.
+        """
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[PartStats], list[torch.Tensor]]] = {}
+        waiting = []
+        for state in pending:
+            part = state.deferred
+            if part is None:
+                continue
+            grad = _stored_part(state)
+            if grad is None:
+                if part.accumulated or everything:
+                    state.deferred = None
+                    part.norm = part.absmax = torch.full((), float("nan"))
+                else:
+                    waiting.append(state)
+                continue
+            state.deferred = None
+            parts, grads = groups.setdefault((grad.device, grad.dtype), ([], []))
+            parts.append(part)
+            grads.append(grad)
+        self.pending.extend(waiting)
+        with torch.no_grad():
+            for (_, dtype), (parts, grads) in groups.items():
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                norms = torch._foreach_norm(grads, 2, dtype=acc)
+                absmaxes = torch._foreach_norm(grads, float("inf"), dtype=acc)
+                for part, norm, absmax in zip(parts, norms, absmaxes):
+                    part.norm, part.absmax = norm, absmax
+        self.version += 1
+
+    def _settle(self, state: LeafState) -> None:
+        part, state.deferred = state.deferred, None
+        assert part is not None
+        grad = _stored_part(state)
+        with torch.no_grad():
+            if grad is None:
+                part.norm = part.absmax = torch.full((), float("nan"))
+            else:
+                part.norm, part.absmax = _norms(grad)
 
     def on_accumulated(self, state: LeafState, grad: torch.Tensor | None) -> None:
         """Remember the `.grad` AccumulateGrad left (post-accumulate hook)."""

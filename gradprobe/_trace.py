@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Trace", "trace"]
 
+_current_task = torch._C._current_graph_task_id
+_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+_no_torch_function = torch._C.DisableTorchFunction
+
 Keep = Literal["stats", "tensors"]
 Policy = Literal["warn", "raise", "record"]
 
@@ -116,6 +120,7 @@ class Trace:
         self._by_task: dict[int, BackwardRecord] = {}
         self._active: dict[int, list[BackwardRecord]] = {}  # thread ident -> running traced calls
         self._quiet_records: set[int] = set()
+        self._flushing: set[int] = set()  # graph tasks with a flush callback queued
         self._muted = 0
         self._finals: list[FinalGrad] | None = None
         self._cache: tuple[int, list[LeafBreakdown]] | None = None
@@ -243,8 +248,11 @@ class Trace:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         pending: GradProbeError | None = None
         try:
+            with _no_torch_function():
+                self._ledger.flush(everything=True)
             self._plugins.call("gradprobe_trace_end", trace=self)
-            self._finals = snapshot_final(self._ledger)
+            with _no_torch_function():
+                self._finals = snapshot_final(self._ledger)
             for found in self._plugins.call("gradprobe_collect_findings", trace=self):
                 for finding in found:
                     try:
@@ -281,21 +289,42 @@ class Trace:
         state = self._ledger.add_leaf(tensor, self.given_name(tensor) or name, module)
         self._by_id[id(tensor)] = state
         ledger = self._ledger
+        by_task = self._by_task
+        quiet = self._quiet_records
+        flushing = self._flushing
 
+        # NOTE [hot path]: these two run once per leaf per backward; keep them to dict lookups.
+        # The interceptor is still on the mode stack inside hooks: every tensor attribute or method
+        # used here would go through it, so hooks turn torch-function dispatch off.
         def on_grad(grad: torch.Tensor) -> None:
             if self._muted:
                 return
-            record = self._record_for_task()
-            if record.index not in self._quiet_records:
+            with _no_torch_function():
+                task = _current_task()
+                record = by_task.get(task)
+                if record is None:
+                    record = self._record_for_task()
+                if record.index in quiet:
+                    return
                 ledger.on_part(state, record, grad)
+                if state.deferred is not None and task not in flushing:
+                    flushing.add(task)
+                    _queue_callback(lambda: self._flush_task(task))
 
         def on_accumulated(param: torch.Tensor) -> None:
             if not self._muted:
-                ledger.on_accumulated(state, param.grad)
+                with _no_torch_function():
+                    ledger.on_accumulated(state, param.grad)
 
         self._handles.append(tensor.register_hook(on_grad))
         self._handles.append(tensor.register_post_accumulate_grad_hook(on_accumulated))
         return state
+
+    def _flush_task(self, task: int) -> None:
+        """End of a backward (engine callback): take the deferred statistics (NOTE [deferred stats])."""
+        self._flushing.discard(task)
+        with _no_torch_function():
+            self._ledger.flush()
 
     def _tracked(self, tensor: torch.Tensor) -> bool:
         state = self._by_id.get(id(tensor))
@@ -356,6 +385,8 @@ class Trace:
             stack.pop()
             for tid in [tid for tid, r in self._by_task.items() if r is record]:
                 del self._by_task[tid]
+            with _no_torch_function():
+                self._ledger.flush()  # also when the backward raised (its callbacks never ran)
             self._plugins.call("gradprobe_after_backward", trace=self, record=record, error=error)
 
     def _label(self, tensor: torch.Tensor, frame: Any) -> str:
