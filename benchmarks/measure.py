@@ -24,7 +24,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-__all__ = ["Sample", "interleaved", "peak_bytes"]
+__all__ = ["CLOCKS", "Sample", "interleaved", "peak_bytes", "use_clock"]
 
 Variant = Callable[[], ContextManager[Any]]
 
@@ -60,13 +60,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def _once(step: Callable[[], None], variant: Variant, device: str) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     with variant():
         step()
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def use_clock(name: str) -> None:
+    """``"wall"`` (what a user waits for) or ``"cpu"`` (process CPU time: steadier on a shared machine)."""
+    global clock
+    clock = CLOCKS[name]
 
 
 def interleaved(
@@ -105,8 +115,16 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(saved)
 
 
-def peak_bytes(step: Callable[[], None], variant: Variant, resident: int, device: str = "cpu") -> int:
-    """Peak bytes allocated during one step under ``variant``, counting what was alive before it."""
+def peak_bytes(
+    step: Callable[[], None], variant: Variant, resident: int, device: str = "cpu", reset: Callable[[], None] = lambda: None
+) -> int:
+    """Peak bytes allocated during one step under ``variant``, counting what was alive before it.
+
+    ``reset`` frees what the previous step left (the gradients) before measuring: the profiler knows
+    the size of blocks it saw allocated in an earlier profiled step, so freeing those inside the
+    measured step would count against it and the baseline would depend on the order of the runs.
+    """
+    reset()
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -28,6 +28,11 @@ class Workload:
     inputs: tuple[torch.Tensor, ...]
     backwards: int = 1
 
+    def reset(self) -> None:
+        """Free the gradients the last step left (as the next step would)."""
+        for p in self.model.parameters():
+            p.grad = None
+
     @property
     def tensors(self) -> int:
         return sum(1 for p in self.model.parameters() if p.requires_grad)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gradprobe  # noqa: E402
-from measure import interleaved, peak_bytes  # noqa: E402
+from measure import CLOCKS, interleaved, peak_bytes, use_clock  # noqa: E402
 from models import MODELS, Workload, build, multi_backward, wide  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,13 +117,12 @@ def bench_model(name: str, device: str, rounds: int) -> dict[str, Any]:
     usable = {k: v for k, v in available.items() if v is not None}
     samples = interleaved(work.step, usable, rounds, device)  # type: ignore[arg-type]
     base_peak = None
-    peak_bytes(work.step, contextlib.nullcontext, work.resident_bytes, device)  # the first profiled step runs high
     out: dict[str, Any] = {"model": work.name, "tensors": work.tensors, "ops": ops_per_step(work), "variants": {}}
     for variant, factory in available.items():
         if factory is None:
             out["variants"][variant] = None
             continue
-        peak = peak_bytes(work.step, factory, work.resident_bytes, device)
+        peak = peak_bytes(work.step, factory, work.resident_bytes, device, reset=work.reset)
         base_peak = base_peak or peak
         out["variants"][variant] = {**samples[variant].to_dict(), "peak_bytes": peak, "peak_ratio": peak / base_peak}
     base, mode = out["variants"]["untraced"], out["variants"]["mode only"]
@@ -186,7 +185,16 @@ def targets(models: dict[str, Any], scale: dict[str, Any]) -> list[dict[str, Any
             speedups.append(a / d)
     add("detect_anomaly() / detect=all", min(speedups) if speedups else None, TARGETS["anomaly_vs_detect_all"])
     per_leaf = next((r for r in scale.get("tensors", []) if r["tensors"] == 1000), None)
-    add("µs per tensor per backward (1,000 tensors)", per_leaf and per_leaf["us_per_tensor_per_backward"], TARGETS["per_leaf_us"])
+    add(
+        "µs per tensor, whole 1-backward step incl. trace setup/exit (1,000 tensors)",
+        per_leaf and per_leaf["us_per_tensor_per_backward"],
+        TARGETS["per_leaf_us"],
+    )
+    calls = scale.get("backward_calls")
+    if calls:
+        first, last = calls[0], calls[-1]
+        slope = (last["overhead_ms"] - first["overhead_ms"]) * 1e3 / ((last["backwards"] - first["backwards"]) * last["tensors"])
+        add("µs per tensor per extra backward (slope 1→8 backward calls)", slope, TARGETS["per_leaf_us"])
     peaks = [v["variants"]["trace()"]["peak_ratio"] for v in models.values() if v["variants"].get("trace()")]
     add("peak memory, trace() (worst model)", max(peaks) if peaks else None, TARGETS["peak_memory"])
     if scale:
@@ -206,7 +214,12 @@ def render(result: dict[str, Any]) -> None:
     if not console.is_terminal:
         console = Console(width=150)
     names = list(next(iter(result["models"].values()))["variants"]) if result["models"] else []
-    table = Table(title=f"gradprobe overhead — step time vs untraced, median [min–max] ({result['machine']['label']})")
+    m = result["machine"]
+    load = f", load {m['load_average_1min']:.1f}" if m.get("load_average_1min") is not None else ""
+    table = Table(
+        title=f"gradprobe overhead: step time vs untraced, median [min–max] ({m['label']}{load}, "
+        f"{result['clock']} clock, {result['rounds']} rounds)"
+    )
     table.add_column("model")
     table.add_column("tensors", justify="right")
     table.add_column("untraced", justify="right")
@@ -266,6 +279,7 @@ def machine(device: str) -> dict[str, Any]:
         label = torch.cuda.get_device_name()
     else:
         label = f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} torch threads"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
         "label": label,
         "device": device,
@@ -273,6 +287,7 @@ def machine(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "gradprobe": gradprobe.__version__,
+        "load_average_1min": load if not device.startswith("cuda") else None,
     }
 
 
@@ -285,10 +300,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall time, or process CPU time")
     parser.add_argument("--no-scaling", action="store_true", help="skip the growth runs")
     args = parser.parse_args(argv)
     label = "full" if args.full else "quick"
-    rounds = args.rounds or (30 if args.full else 9)
+    use_clock(args.clock)
+    rounds = args.rounds or (25 if args.full else 7)
     started = time.perf_counter()
     models = {}
     for name in args.models:
@@ -298,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "mode": label,
         "rounds": rounds,
+        "clock": args.clock,
         "machine": machine(args.device),
         "models": models,
         "scaling": scale,
