@@ -152,19 +152,27 @@ class EpochStart:
     reason: Literal["start", "trace_start", "reset", "modified"]
 
 
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
+_INF = float("inf")
+_vector_norm = torch.linalg.vector_norm
+
+
 def _norms(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if g.is_sparse:
-        g = g.coalesce().values()
-    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-    if g.is_complex():
-        g = g.abs()
-    return (
-        torch.linalg.vector_norm(g, dtype=acc),
-        torch.linalg.vector_norm(g, ord=float("inf"), dtype=acc),
-    )
+    """(2-norm, abs-max) accumulated in float32 (float64 for float64); callers run it without grad."""
+    acc = _ACC.get(g.dtype)
+    if acc is None or g.layout != torch.strided:  # the common float32/float64 dense case skips all this
+        if g.is_sparse:
+            g = g.coalesce().values()
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        if g.is_complex():
+            g = g.abs()
+    return _vector_norm(g, dtype=acc), _vector_norm(g, ord=_INF, dtype=acc)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    acc = _ACC.get(a.dtype)
+    if acc is not None and b.dtype == a.dtype and a.layout == torch.strided and b.layout == torch.strided:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
     if a.is_sparse or b.is_sparse:
         a, b = a.to_dense(), b.to_dense()
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -178,7 +186,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _deferrable(tensor: torch.Tensor | None, grad: torch.Tensor) -> bool:
-    if tensor is None or grad.is_sparse or grad.is_complex() or grad.layout != torch.strided:
+    if tensor is None or grad.layout != torch.strided or grad.is_complex():
         return False
     hooks = tensor._post_accumulate_grad_hooks
     return hooks is not None and len(hooks) == 1  # only the trace's own (NOTE [deferred stats])
@@ -266,20 +274,23 @@ class Ledger:
                 self.pending.append(state)
                 self.version += 1
                 return
-        with torch.no_grad():
-            g = grad.detach()
-            norm, absmax = _norms(g)
+        enabled = torch.is_grad_enabled()  # only under create_graph=True: skip the no_grad() machinery
+        if enabled:
+            torch._C._set_grad_enabled(False)
+        try:
+            norm, absmax = _norms(grad)
             dot_before = None
             if record.accumulates:
-                if before is not None and before.shape != g.shape:
+                if before is not None and before.shape != grad.shape:
                     before = None
                 self._maybe_new_epoch(state, record, before)
                 if before is not None:
-                    dot_before = _dot(g, before.detach())
-            kept = g.clone() if self.keep == "tensors" else None
-            state.parts.append(
-                PartStats(record.index, state.epoch, norm, absmax, dot_before, kept, accumulated=False)
-            )
+                    dot_before = _dot(grad, before)
+            kept = grad.clone() if self.keep == "tensors" else None
+        finally:
+            if enabled:
+                torch._C._set_grad_enabled(True)
+        state.parts.append(PartStats(record.index, state.epoch, norm, absmax, dot_before, kept))
         self.version += 1
 
     def flush(self, everything: bool = False) -> None:
