@@ -80,7 +80,7 @@ def use_clock(name: str) -> None:
 
 
 def interleaved(
-    step: Callable[[], None], variants: dict[str, Variant], rounds: int, device: str = "cpu", warmup: int = 2, seed: int = 0
+    step: Callable[[], None], variants: dict[str, Variant], rounds: int, device: str = "cpu", warmup: int = 1, seed: int = 0
 ) -> dict[str, Sample]:
     """Run every variant once per round, in a shuffled order; the first variant is the baseline."""
     names = list(variants)

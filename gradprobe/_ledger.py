@@ -166,7 +166,22 @@ def _norms(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         acc = torch.float64 if g.dtype == torch.float64 else torch.float32
         if g.is_complex():
             g = g.abs()
-    return _vector_norm(g, dtype=acc), _vector_norm(g, ord=_INF, dtype=acc)
+    return _vector_norm(g, dtype=acc), _absmax(g, acc)
+
+
+# NOTE [abs-max on the CPU]
+# On the CPU, vector_norm(ord=inf) runs ~25x slower than the 2-norm (no vectorized kernel: 2.8 ms
+# per million floats against 0.11 ms). max|x| = max(max x, -min x) exactly (negation and max never
+# round, NaN propagates), and aminmax is vectorized: large CPU tensors take that path. Small ones keep
+# the single inf-norm call (fewer dispatches); both give the same bits.
+_AMINMAX_FROM = 2048
+
+
+def _absmax(g: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    if g.numel() >= _AMINMAX_FROM and g.device.type == "cpu" and not g.is_complex():
+        lo, hi = torch.aminmax(g)
+        return torch.maximum(hi, lo.neg()).to(acc)
+    return _vector_norm(g, ord=_INF, dtype=acc)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -325,9 +340,13 @@ class Ledger:
             for (_, dtype), (parts, grads) in groups.items():
                 acc = torch.float64 if dtype == torch.float64 else torch.float32
                 norms = torch._foreach_norm(grads, 2, dtype=acc)
-                absmaxes = torch._foreach_norm(grads, float("inf"), dtype=acc)
-                for part, norm, absmax in zip(parts, norms, absmaxes):
-                    part.norm, part.absmax = norm, absmax
+                small = [i for i, g in enumerate(grads) if g.device.type != "cpu" or g.numel() < _AMINMAX_FROM]
+                absmaxes: list[torch.Tensor | None] = [None] * len(grads)
+                if small:  # one fused call (NOTE [abs-max on the CPU] for the large CPU ones)
+                    for i, absmax in zip(small, torch._foreach_norm([grads[i] for i in small], _INF, dtype=acc)):
+                        absmaxes[i] = absmax
+                for part, grad, norm, absmax in zip(parts, grads, norms, absmaxes):
+                    part.norm, part.absmax = norm, (absmax if absmax is not None else _absmax(grad, acc))
         self.version += 1
 
     def _settle(self, state: LeafState) -> None:
