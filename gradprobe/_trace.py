@@ -121,6 +121,7 @@ class Trace:
         self._active: dict[int, list[BackwardRecord]] = {}  # thread ident -> running traced calls
         self._quiet_records: set[int] = set()
         self._flushing: set[int] = set()  # graph tasks with a flush callback queued
+        self._unhooked: list[tuple[torch.Tensor, LeafState]] = []  # tracked before __enter__
         self._muted = 0
         self._finals: list[FinalGrad] | None = None
         self._cache: tuple[int, list[LeafBreakdown]] | None = None
@@ -235,6 +236,9 @@ class Trace:
             )
         self._state = "active"
         try:
+            unhooked, self._unhooked = self._unhooked, []
+            for tensor, state in unhooked:
+                self._hook(tensor, state)
             self._mode.watch_grad_reads = self._plugins.implemented("gradprobe_grad_read")
             self._mode.watch_writes = self._plugins.implemented("gradprobe_inplace_write")
             self._mode.__enter__()
@@ -268,6 +272,7 @@ class Trace:
 
     def _close(self) -> None:
         self._state = "done"
+        self._unhooked = []
         handles, self._handles = self._handles, []
         for handle in reversed(handles):
             handle.remove()
@@ -288,10 +293,16 @@ class Trace:
     def _track(self, tensor: torch.Tensor, name: str, module: str | None) -> LeafState:
         state = self._ledger.add_leaf(tensor, self.given_name(tensor) or name, module)
         self._by_id[id(tensor)] = state
+        if self._state == "active":
+            self._hook(tensor, state)
+        else:  # hooks go on at __enter__: a trace never entered (or failing in __init__) leaves none
+            self._unhooked.append((tensor, state))
+        return state
+
+    def _hook(self, tensor: torch.Tensor, state: LeafState) -> None:
         hooks = _LeafHooks(self, state)
         self._handles.append(tensor.register_hook(hooks.on_grad))
         self._handles.append(tensor.register_post_accumulate_grad_hook(hooks.on_accumulated))
-        return state
 
     def _flush_task(self, task: int) -> None:
         """End of a backward (engine callback): take the deferred statistics (NOTE [deferred stats])."""

@@ -276,3 +276,22 @@ def test_abs_max_of_large_parts_is_exact(device: str, poison: float | None) -> N
         expected = float(torch.linalg.vector_norm(g, ord=float("inf"), dtype=torch.float32))
         assert part.absmax == expected or (part.absmax != part.absmax and expected != expected)
         assert part.finite == bool(torch.isfinite(g).all())
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(p._backward_hooks or {}) + len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+
+
+def test_a_trace_never_entered_leaves_no_hooks() -> None:
+    """Hooks go on at __enter__: a trace built and dropped (or failing to build) costs nothing later."""
+    model = MLP()
+    gradprobe.trace(model)
+    assert _hook_count(model) == 0
+    with pytest.raises(ValueError):
+        gradprobe.trace(model, disable=["no-such-plugin"])
+    assert _hook_count(model) == 0
+    with gradprobe.trace(model) as t:
+        assert _hook_count(model) == 2 * len(list(model.parameters()))
+        model(torch.randn(2, 8)).sum().backward()
+    assert _hook_count(model) == 0
+    assert all(row.parts for row in t.breakdown())
