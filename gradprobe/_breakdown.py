@@ -129,11 +129,25 @@ def _json_float(x: float | None) -> float | str | None:
 
 
 def snapshot_final(ledger: Ledger) -> list[FinalGrad]:
-    """Snapshot every leaf's current `.grad` on its device (no read-back)."""
+    """Snapshot every leaf's current `.grad` on its device (no read-back).
+
+    The norms are taken in one ``torch._foreach_norm`` per (device, dtype); a `.grad` that is still
+    exactly the one part it was measured from reuses that part's norm.
+    """
+    ledger.flush()
     finals = []
+    batch: dict[tuple[torch.device, torch.dtype], list[tuple[FinalGrad, torch.Tensor]]] = {}
     with torch.no_grad():
         for state in ledger.leaves:
-            finals.append(_snapshot_leaf(ledger, state))
+            final, grad = _snapshot_leaf(ledger, state)
+            finals.append(final)
+            if grad is not None:
+                batch.setdefault((grad.device, grad.dtype), []).append((final, grad))
+        for (_, dtype), items in batch.items():
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            norms = torch._foreach_norm([grad for _, grad in items], 2, dtype=acc)
+            for (final, _), norm in zip(items, norms):
+                final.norm = norm
     return finals
 
 
@@ -146,22 +160,23 @@ def _accumulating(part: PartStats) -> bool:
     return part.accumulated
 
 
-def _snapshot_leaf(ledger: Ledger, state: LeafState) -> FinalGrad:
+def _snapshot_leaf(ledger: Ledger, state: LeafState) -> tuple[FinalGrad, torch.Tensor | None]:
+    """The leaf's FinalGrad, and its `.grad` when the norm is still to be taken in a batch."""
     tensor = state.leaf.tensor
     if tensor is None:
-        return FinalGrad(False, None, False, {}, None, freed=True)
+        return FinalGrad(False, None, False, {}, None, freed=True), None
     grad = tensor.grad
     if grad is None:
-        return FinalGrad(False, None, False, {}, None)
+        return FinalGrad(False, None, False, {}, None), None
     after = state.after() if state.after is not None else None
     continuous = after is grad and grad._version == state.after_version
     reduced = state.reduced if state.reduced is not None and state.reduced.epoch == state.epoch else None
     if reduced is not None:  # NOTE [all-reduced .grad]: check the parts against the local .grad
         continuous = reduced.holds(grad)
-    norm, _ = _norms(grad.detach())
+    shown = grad.detach()  # the .grad the user sees (under DDP, the average): the row's ‖.grad‖
     if reduced is not None and continuous:
         if reduced.local is None:
-            return FinalGrad(True, norm, True, {}, None, reduced=reduced)
+            return _norm_later(FinalGrad(True, None, True, {}, None, reduced=reduced), shown)
         grad = reduced.local
     grad = grad.detach()
     dots: dict[int, torch.Tensor] = {}
@@ -176,7 +191,29 @@ def _snapshot_leaf(ledger: Ledger, state: LeafState) -> FinalGrad:
             dots[i] = _dot(part.tensor, grad)
             total = part.tensor.clone() if total is None else total + part.tensor
         bitwise = total is not None and torch.equal(total, grad)
-    return FinalGrad(True, norm, continuous, dots, bitwise, reduced=reduced if continuous else None)
+    final = FinalGrad(True, None, continuous, dots, bitwise, reduced=reduced if continuous else None)
+    last = state.parts[-1] if state.parts else None
+    if (
+        reduced is None
+        and continuous
+        and last is not None
+        and last.from_grad
+        and last.norm is not None
+        and last.epoch == state.epoch
+        and last.accumulated
+        and sum(1 for p in state.parts if p.epoch == state.epoch) == 1
+    ):
+        final.norm = last.norm  # .grad is still exactly the part it was measured from
+        return final, None
+    return _norm_later(final, shown)
+
+
+def _norm_later(final: FinalGrad, grad: torch.Tensor) -> tuple[FinalGrad, torch.Tensor | None]:
+    """Leave ``grad`` for the batched norm, or take the norm now where _foreach_norm cannot."""
+    if grad.is_sparse or grad.is_complex() or grad.layout != torch.strided:
+        final.norm, _ = _norms(grad)
+        return final, None
+    return final, grad
 
 
 def _read_back(tensors: list[torch.Tensor]) -> list[float]:

@@ -25,6 +25,16 @@
 # local `.grad` it captured, `.grad` itself is the average, and the next part opens a new epoch that
 # carries the average in (reason "allreduce"). Identity is by storage (data_ptr), since a bucket
 # view's Python object does not survive, and its version counter is shared by the whole bucket.
+# NOTE [deferred stats]
+# Most parts open an epoch: `.grad` was None before the backward, so AccumulateGrad stores the part
+# itself (or a same-valued copy) as `.grad`. For those, in keep="stats" mode, the tensor hook only
+# notes the part and the statistics are taken later from `.grad`, for many leaves at once with
+# `torch._foreach_norm` (a fused kernel on CUDA; on the CPU it still saves the Python work per leaf):
+# at the end of the backward (an engine callback), or sooner if anything could change `.grad` first.
+# Nothing is held meanwhile but the weak reference the post-accumulate hook keeps anyway, so no
+# gradient lives longer than it would untraced. Deferral is only used when the trace's own
+# post-accumulate hook is the only one on the leaf (a user's hook, e.g. an optimizer step in
+# backward, could replace `.grad` before the flush); otherwise the part is measured in the hook.
 """
 
 from __future__ import annotations
@@ -131,11 +141,12 @@ class PartStats:
 
     record: int
     epoch: int
-    norm: torch.Tensor
-    absmax: torch.Tensor
+    norm: torch.Tensor | None  # None only while deferred (see NOTE [deferred stats])
+    absmax: torch.Tensor | None
     dot_before: torch.Tensor | None  # <part, .grad before it>, None when .grad was None
     tensor: torch.Tensor | None = None  # keep="tensors" only
     accumulated: bool = False
+    from_grad: bool = False  # stats were taken from the `.grad` AccumulateGrad stored (deferred)
 
 
 @dataclass(eq=False)
@@ -170,19 +181,42 @@ class EpochStart:
     reason: Literal["start", "trace_start", "reset", "modified", "allreduce"]
 
 
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
+_INF = float("inf")
+_vector_norm = torch.linalg.vector_norm
+
+
 def _norms(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if g.is_sparse:
-        g = g.coalesce().values()
-    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-    if g.is_complex():
-        g = g.abs()
-    return (
-        torch.linalg.vector_norm(g, dtype=acc),
-        torch.linalg.vector_norm(g, ord=float("inf"), dtype=acc),
-    )
+    """(2-norm, abs-max) accumulated in float32 (float64 for float64); callers run it without grad."""
+    acc = _ACC.get(g.dtype)
+    if acc is None or g.layout != torch.strided:  # the common float32/float64 dense case skips all this
+        if g.is_sparse:
+            g = g.coalesce().values()
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        if g.is_complex():
+            g = g.abs()
+    return _vector_norm(g, dtype=acc), _absmax(g, acc)
+
+
+# NOTE [abs-max on the CPU]
+# On the CPU, vector_norm(ord=inf) runs ~25x slower than the 2-norm (no vectorized kernel: 2.8 ms
+# per million floats against 0.11 ms). max|x| = max(max x, -min x) exactly (negation and max never
+# round, NaN propagates), and aminmax is vectorized: large CPU tensors take that path. Small ones keep
+# the single inf-norm call (fewer dispatches); both give the same bits.
+_AMINMAX_FROM = 2048
+
+
+def _absmax(g: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    if g.numel() >= _AMINMAX_FROM and g.device.type == "cpu" and not g.is_complex():
+        lo, hi = torch.aminmax(g)
+        return torch.maximum(hi, lo.neg()).to(acc)
+    return _vector_norm(g, ord=_INF, dtype=acc)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    acc = _ACC.get(a.dtype)
+    if acc is not None and b.dtype == a.dtype and a.layout == torch.strided and b.layout == torch.strided:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
     if a.is_sparse or b.is_sparse:
         a, b = a.to_dense(), b.to_dense()
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -195,18 +229,41 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a, b)
 
 
+def _deferrable(tensor: torch.Tensor | None, grad: torch.Tensor) -> bool:
+    if tensor is None or grad.layout != torch.strided or grad.is_complex():
+        return False
+    hooks = tensor._post_accumulate_grad_hooks
+    return hooks is not None and len(hooks) == 1  # only the trace's own (NOTE [deferred stats])
+
+
+def _stored_part(state: LeafState) -> torch.Tensor | None:
+    """`.grad` if it is still exactly what AccumulateGrad stored for the deferred part, else None."""
+    part = state.deferred
+    if part is None or not part.accumulated or state.after is None:
+        return None
+    grad = state.after()
+    if grad is None or grad._version != state.after_version:
+        return None
+    tensor = state.ref()  # type: ignore[misc]
+    if tensor is None or tensor.grad is not grad:
+        return None
+    return grad.detach()
+
+
 class LeafState:
     """Everything the ledger knows about one leaf; mutated only from its own hooks."""
 
-    __slots__ = ("leaf", "parts", "epochs", "after", "after_version", "reduced")
+    __slots__ = ("leaf", "parts", "epochs", "after", "after_version", "reduced", "deferred", "ref")
 
     def __init__(self, leaf: Leaf) -> None:
         self.leaf = leaf
+        self.ref = leaf.ref
         self.parts: list[PartStats] = []
         self.epochs: list[EpochStart] = []
         self.after: weakref.ReferenceType[torch.Tensor] | None = None  # .grad left by AccumulateGrad
         self.after_version = -1
         self.reduced: Reduced | None = None  # NOTE [all-reduced .grad]
+        self.deferred: PartStats | None = None  # a part whose stats are still to be taken from .grad
 
     @property
     def epoch(self) -> int:
@@ -222,6 +279,7 @@ class Ledger:
         self.leaves: list[LeafState] = []
         self.lock = threading.Lock()
         self.version = 0  # bumped on every change, so read-backs know when to refresh
+        self.pending: list[LeafState] = []  # leaves with a deferred part (NOTE [deferred stats])
 
     def add_record(self, **fields: object) -> BackwardRecord:
         with self.lock:
@@ -248,23 +306,88 @@ class Ledger:
 
     def on_part(self, state: LeafState, record: BackwardRecord, grad: torch.Tensor) -> None:
         """Record the gradient ``record`` is about to add to ``state``'s leaf (tensor hook)."""
-        with torch.no_grad():
-            g = grad.detach()
-            norm, absmax = _norms(g)
+        if state.deferred is not None:
+            self._settle(state)  # .grad still holds exactly that part: measure it before it changes
+        if record.accumulates:
+            tensor = state.ref()  # type: ignore[misc]
+            before = tensor.grad if tensor is not None else None
+            if before is None and self.keep == "stats" and _deferrable(tensor, grad):
+                self._maybe_new_epoch(state, record, None)
+                part = PartStats(record.index, len(state.epochs) - 1, None, None, None, from_grad=True)
+                state.parts.append(part)
+                state.deferred = part
+                self.pending.append(state)
+                self.version += 1
+                return
+        enabled = torch.is_grad_enabled()  # only under create_graph=True: skip the no_grad() machinery
+        if enabled:
+            torch._C._set_grad_enabled(False)
+        try:
+            norm, absmax = _norms(grad)
             dot_before = None
             if record.accumulates:
-                tensor = state.leaf.tensor
-                before = tensor.grad if tensor is not None else None
-                if before is not None and before.shape != g.shape:
+                if before is not None and before.shape != grad.shape:
                     before = None
                 self._maybe_new_epoch(state, record, before)
                 if before is not None:
-                    dot_before = _dot(g, before.detach())
-            kept = g.clone() if self.keep == "tensors" else None
-            state.parts.append(
-                PartStats(record.index, state.epoch, norm, absmax, dot_before, kept, accumulated=False)
-            )
+                    dot_before = _dot(grad, before)
+            kept = grad.clone() if self.keep == "tensors" else None
+        finally:
+            if enabled:
+                torch._C._set_grad_enabled(True)
+        state.parts.append(PartStats(record.index, state.epoch, norm, absmax, dot_before, kept))
         self.version += 1
+
+    def flush(self, everything: bool = False) -> None:
+        """Take the deferred statistics from `.grad`, batched per (device, dtype).
+
+        Only parts AccumulateGrad has stored are measured (a backward running on another thread may
+        not be there yet), unless ``everything``: then a part whose `.grad` is gone gets NaN stats.
+        """
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[PartStats], list[torch.Tensor]]] = {}
+        waiting = []
+        for state in pending:
+            part = state.deferred
+            if part is None:
+                continue
+            grad = _stored_part(state)
+            if grad is None:
+                if part.accumulated or everything:
+                    state.deferred = None
+                    part.norm = part.absmax = torch.full((), float("nan"))
+                else:
+                    waiting.append(state)
+                continue
+            state.deferred = None
+            parts, grads = groups.setdefault((grad.device, grad.dtype), ([], []))
+            parts.append(part)
+            grads.append(grad)
+        self.pending.extend(waiting)
+        with torch.no_grad():
+            for (_, dtype), (parts, grads) in groups.items():
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                norms = torch._foreach_norm(grads, 2, dtype=acc)
+                small = [i for i, g in enumerate(grads) if g.device.type != "cpu" or g.numel() < _AMINMAX_FROM]
+                absmaxes: list[torch.Tensor | None] = [None] * len(grads)
+                if small:  # one fused call (NOTE [abs-max on the CPU] for the large CPU ones)
+                    for i, absmax in zip(small, torch._foreach_norm([grads[i] for i in small], _INF, dtype=acc)):
+                        absmaxes[i] = absmax
+                for part, grad, norm, absmax in zip(parts, grads, norms, absmaxes):
+                    part.norm, part.absmax = norm, (absmax if absmax is not None else _absmax(grad, acc))
+        self.version += 1
+
+    def _settle(self, state: LeafState) -> None:
+        part, state.deferred = state.deferred, None
+        assert part is not None
+        grad = _stored_part(state)
+        with torch.no_grad():
+            if grad is None:
+                part.norm = part.absmax = torch.full((), float("nan"))
+            else:
+                part.norm, part.absmax = _norms(grad)
 
     def on_accumulated(self, state: LeafState, grad: torch.Tensor | None) -> None:
         """Remember the `.grad` AccumulateGrad left (post-accumulate hook)."""

@@ -84,7 +84,7 @@ def _is_generator(obj: Any) -> bool:
 def resolve_targets(objs: tuple[Any, ...], frame: FrameType | None, serial: Iterator[int]) -> list[Target]:
     """Resolve ``trace(*objs)`` into distinct named leaves; warn about modules with nothing to trace."""
     flat = list(_flatten(objs))
-    namer = LeafNamer(frame)
+    namer: LeafNamer | None = None  # built on the first tensor target: modules name their own parameters
     modules = [m for m in flat if isinstance(m, nn.Module)]
     prefix_modules = len(modules) > 1
     targets: list[Target] = []
@@ -113,6 +113,7 @@ def resolve_targets(objs: tuple[Any, ...], frame: FrameType | None, serial: Iter
         if id(obj) in seen:
             continue
         seen.add(id(obj))
+        namer = namer or LeafNamer(frame)
         named = namer.name(obj)
         if named:
             targets.append((obj, named[0], named[1]))

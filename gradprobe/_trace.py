@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Trace", "trace"]
 
+_current_task = torch._C._current_graph_task_id
+_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+_no_torch_function = torch._C.DisableTorchFunction
+
 Keep = Literal["stats", "tensors"]
 Policy = Literal["warn", "raise", "record"]
 
@@ -143,6 +147,8 @@ class Trace(TraceAssertions):
         self._by_task: dict[int, BackwardRecord] = {}
         self._active: dict[int, list[BackwardRecord]] = {}  # thread ident -> running traced calls
         self._quiet_records: set[int] = set()
+        self._flushing: set[int] = set()  # graph tasks with a flush callback queued
+        self._unhooked: list[tuple[torch.Tensor, LeafState]] = []  # tracked before __enter__
         self._muted = 0
         self._finals: list[FinalGrad] | None = None
         self._cache: tuple[int, list[LeafBreakdown]] | None = None
@@ -312,6 +318,9 @@ class Trace(TraceAssertions):
         if "torch._dynamo" in sys.modules:  # NOTE [torch.compile] at _run_backward
             self._run_backward = torch.compiler.disable(self._run_backward)  # type: ignore[method-assign]
         try:
+            unhooked, self._unhooked = self._unhooked, []
+            for tensor, state in unhooked:
+                self._hook(tensor, state)
             self._mode.watch_grad_reads = self._plugins.implemented("gradprobe_grad_read")
             self._mode.watch_writes = self._plugins.implemented("gradprobe_inplace_write")
             self._mode.__enter__()
@@ -325,8 +334,11 @@ class Trace(TraceAssertions):
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         pending: GradProbeError | None = None
         try:
+            with _no_torch_function():
+                self._ledger.flush(everything=True)
             self._plugins.call("gradprobe_trace_end", trace=self)
-            self._finals = snapshot_final(self._ledger)
+            with _no_torch_function():
+                self._finals = snapshot_final(self._ledger)
             # The block raised: the step never finished, so end-of-trace findings are only recorded
             # (in t.findings and the report); warning about them would bury the real error.
             policy: Policy = self.on_finding if exc_type is None else "record"
@@ -345,6 +357,7 @@ class Trace(TraceAssertions):
 
     def _close(self) -> None:
         self._state = "done"
+        self._unhooked = []
         handles, self._handles = self._handles, []
         for handle in reversed(handles):
             handle.remove()
@@ -365,22 +378,22 @@ class Trace(TraceAssertions):
     def _track(self, tensor: torch.Tensor, name: str, module: str | None) -> LeafState:
         state = self._ledger.add_leaf(tensor, self.given_name(tensor) or name, module)
         self._by_id[id(tensor)] = state
-        ledger = self._ledger
-
-        def on_grad(grad: torch.Tensor | None) -> None:
-            if self._muted or grad is None:  # None: an undefined gradient (torch.autograd.gradcheck sends one)
-                return
-            record = self._record_for_task()
-            if record.index not in self._quiet_records:
-                ledger.on_part(state, record, grad)
-
-        def on_accumulated(param: torch.Tensor) -> None:
-            if not self._muted:
-                ledger.on_accumulated(state, param.grad)
-
-        self._handles.append(tensor.register_hook(on_grad))
-        self._handles.append(tensor.register_post_accumulate_grad_hook(on_accumulated))
+        if self._state == "active":
+            self._hook(tensor, state)
+        else:  # hooks go on at __enter__: a trace never entered (or failing in __init__) leaves none
+            self._unhooked.append((tensor, state))
         return state
+
+    def _hook(self, tensor: torch.Tensor, state: LeafState) -> None:
+        hooks = _LeafHooks(self, state)
+        self._handles.append(tensor.register_hook(hooks.on_grad))
+        self._handles.append(tensor.register_post_accumulate_grad_hook(hooks.on_accumulated))
+
+    def _flush_task(self, task: int) -> None:
+        """End of a backward (engine callback): take the deferred statistics (NOTE [deferred stats])."""
+        self._flushing.discard(task)
+        with _no_torch_function():
+            self._ledger.flush()
 
     def _tracked(self, tensor: torch.Tensor) -> bool:
         state = self._by_id.get(id(tensor))
@@ -452,6 +465,8 @@ class Trace(TraceAssertions):
             stack.pop()
             for tid in [tid for tid, r in self._by_task.items() if r is record]:
                 del self._by_task[tid]
+            with _no_torch_function():
+                self._ledger.flush()  # also when the backward raised (its callbacks never ran)
             self._plugins.call("gradprobe_after_backward", trace=self, record=record, error=error)
 
     def _label(self, tensor: torch.Tensor, frame: Any) -> str:
@@ -502,6 +517,46 @@ class Trace(TraceAssertions):
             f"<gradprobe.Trace {self._state}: {len(self._ledger.records)} backward calls, "
             f"{len(self._ledger.leaves)} leaves, {len(self._findings)} findings>"
         )
+
+
+class _LeafHooks:
+    """The two hooks of one tracked leaf.
+
+    # NOTE [hot path]
+    # These run once per leaf per backward: keep them to a few dict lookups. One small object per
+    # leaf (rather than two closures and their cells) also keeps the objects the garbage collector
+    # tracks per leaf down, and full collections were a large part of the cost on wide models.
+    # The interceptor is still on the mode stack inside hooks: every tensor attribute or method used
+    # here would go through it, so hooks turn torch-function dispatch off.
+    """
+
+    __slots__ = ("trace", "state")
+
+    def __init__(self, trace: Trace, state: LeafState) -> None:
+        self.trace = trace
+        self.state = state
+
+    def on_grad(self, grad: torch.Tensor | None) -> None:
+        trace = self.trace
+        if trace._muted or grad is None:  # None: an undefined gradient (torch.autograd.gradcheck sends one)
+            return
+        with _no_torch_function():
+            task = _current_task()
+            record = trace._by_task.get(task)
+            if record is None:
+                record = trace._record_for_task()
+            if record.index in trace._quiet_records:
+                return
+            state = self.state
+            trace._ledger.on_part(state, record, grad)
+            if state.deferred is not None and task not in trace._flushing:
+                trace._flushing.add(task)
+                _queue_callback(lambda: trace._flush_task(task))
+
+    def on_accumulated(self, param: torch.Tensor) -> None:
+        if not self.trace._muted:
+            with _no_torch_function():
+                self.trace._ledger.on_accumulated(self.state, param.grad)
 
 
 class _ModeHandle:
