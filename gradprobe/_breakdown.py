@@ -145,7 +145,8 @@ def snapshot_final(ledger: Ledger) -> list[FinalGrad]:
                 batch.setdefault((grad.device, grad.dtype), []).append((final, grad))
         for (_, dtype), items in batch.items():
             acc = torch.float64 if dtype == torch.float64 else torch.float32
-            norms = torch._foreach_norm([grad for _, grad in items], 2, dtype=acc)
+            upcast = acc if dtype != acc else None  # NOTE [foreach dtype] in _ledger.py
+            norms = torch._foreach_norm([grad for _, grad in items], 2, dtype=upcast)
             for (final, _), norm in zip(items, norms):
                 final.norm = norm
     return finals

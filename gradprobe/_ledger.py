@@ -25,6 +25,10 @@
 # local `.grad` it captured, `.grad` itself is the average, and the next part opens a new epoch that
 # carries the average in (reason "allreduce"). Identity is by storage (data_ptr), since a bucket
 # view's Python object does not survive, and its version counter is shared by the whole bucket.
+# NOTE [foreach dtype]
+# `torch._foreach_norm(..., dtype=torch.float32)` on float32 tensors takes a slow path (3.4x slower
+# on 1,000 small CPU tensors, torch 2.13): pass `dtype` only when it upcasts (half, bfloat16).
+
 # NOTE [deferred stats]
 # Most parts open an epoch: `.grad` was None before the backward, so AccumulateGrad stores the part
 # itself (or a same-valued copy) as `.grad`. For those, in keep="stats" mode, the tensor hook only
@@ -369,11 +373,12 @@ class Ledger:
         with torch.no_grad():
             for (_, dtype), (parts, grads) in groups.items():
                 acc = torch.float64 if dtype == torch.float64 else torch.float32
-                norms = torch._foreach_norm(grads, 2, dtype=acc)
+                upcast = acc if dtype != acc else None  # NOTE [foreach dtype]
+                norms = torch._foreach_norm(grads, 2, dtype=upcast)
                 small = [i for i, g in enumerate(grads) if g.device.type != "cpu" or g.numel() < _AMINMAX_FROM]
                 absmaxes: list[torch.Tensor | None] = [None] * len(grads)
                 if small:  # one fused call (NOTE [abs-max on the CPU] for the large CPU ones)
-                    for i, absmax in zip(small, torch._foreach_norm([grads[i] for i in small], _INF, dtype=acc)):
+                    for i, absmax in zip(small, torch._foreach_norm([grads[i] for i in small], _INF, dtype=upcast)):
                         absmaxes[i] = absmax
                 for part, grad, norm, absmax in zip(parts, grads, norms, absmaxes):
                     part.norm, part.absmax = norm, (absmax if absmax is not None else _absmax(grad, acc))

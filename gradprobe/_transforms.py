@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,6 +65,8 @@ def functorch_notice(site: Site | None) -> Finding:
 
 def has_compiled_node(roots: tuple[torch.Tensor, ...]) -> bool:
     """Whether the graph of ``roots`` runs through a torch.compile'd (AOTAutograd) region."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled: skip a walk of the whole graph
+        return False
     nodes = iter_nodes(r.grad_fn for r in roots if r.grad_fn is not None)
     return any(type(node).__name__ == "CompiledFunctionBackward" for node in nodes)
 
