@@ -59,6 +59,9 @@ def _classify(func: Callable[..., Any]) -> int:
 
 
 _ALWAYS, _NEVER = -1, -2
+# func -> _classify(func), shared by every trace of the process (functions are global objects, and
+# classifying one reads its signature: ~0.1 ms, too much to repeat in every new trace).
+_WRITES: dict[Any, int] = {}
 
 
 def written_tensors(
@@ -99,7 +102,6 @@ class Interceptor(TorchFunctionMode):
         self._trace = trace
         self.watch_grad_reads = False
         self.watch_writes = False
-        self._writes_cache: dict[Any, int] = {}
         # func -> handler(func, args, kwargs): the only per-call lookup for functions nobody watches
         self.table: dict[Any, Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]] = dict.fromkeys(
             BACKWARD_FUNCTIONS, self._backward
@@ -125,9 +127,9 @@ class Interceptor(TorchFunctionMode):
         elif self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
             self._trace._plugins.call("gradprobe_grad_read", trace=self._trace, tensor=args[0], site=user_site())
         elif self.watch_writes:
-            kind = self._writes_cache.get(func)
+            kind = _WRITES.get(func)
             if kind is None:
-                kind = self._writes_cache[func] = _classify(func)
+                kind = _WRITES[func] = _classify(func)
             in_place = kind == _ALWAYS or (kind >= 0 and _flag(kind, args, kwargs))
             # any function may take out=; only in-place ones write through args[0]
             written = written_tensors(func, args, kwargs, in_place) if (in_place or "out" in kwargs) else []

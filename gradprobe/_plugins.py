@@ -25,6 +25,7 @@ import importlib
 import importlib.metadata
 import inspect
 import traceback
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Union
 
 import pluggy
@@ -74,7 +75,18 @@ class _Manager(pluggy.PluginManager):
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
         if name.startswith("_"):
             return None
-        return super().parse_hookimpl_opts(plugin, name)
+        if isinstance(plugin, ModuleType):
+            return super().parse_hookimpl_opts(plugin, name)
+        # A class's methods do not change between its instances: look each name up once per process.
+        known = _CLASS_IMPLS.setdefault(type(plugin), {})
+        if name not in known:
+            known[name] = super().parse_hookimpl_opts(plugin, name)
+        opts = known[name]
+        return dict(opts) if opts is not None else None
+
+
+# plugin class -> {attribute name: its hookimpl options, or None}
+_CLASS_IMPLS: dict[type, dict[str, Any]] = {}
 
 
 def refresh_plugins() -> list[str]:
