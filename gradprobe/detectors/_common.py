@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradprobe._breakdown import read_floats
 from gradprobe._sites import Site
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def ledger_facts(trace: Trace) -> LedgerFacts:
         if first is not None and first.reason == "trace_start" and first.norm is not None:
             tensors.append(first.norm)
             where.append(("carried", state.leaf.index, -1))
-    values = _read_floats(tensors)
+    values = read_floats(tensors)
     finite: dict[int, list[tuple[int, bool]]] = {}
     carried: dict[int, float] = {}
     for (kind, leaf, record), value in zip(where, values):
@@ -63,22 +64,6 @@ def ledger_facts(trace: Trace) -> LedgerFacts:
     facts = LedgerFacts(finite, carried)
     _FACTS[trace] = (version, facts)
     return facts
-
-
-def _read_floats(tensors: list[torch.Tensor]) -> list[float]:
-    """0-d device tensors as floats: one stack and one transfer per device, no per-tensor casts."""
-    out = [0.0] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    with torch._C.DisableTorchFunction(), torch.no_grad():  # gradprobe's own read, not the user's ops
-        for positions in by_device.values():
-            group = [tensors[i] for i in positions]
-            if any(t.dtype != group[0].dtype for t in group):
-                group = [t.double() for t in group]
-            for i, value in zip(positions, torch.stack(group).tolist()):
-                out[i] = value
-    return out
 
 
 # grad_fn type name (without the Backward<N> suffix) -> what the user wrote
