@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from gradprobe._trace import Keep, Policy, Trace
     from gradprobe.findings import Finding
 
-__all__ = ["StepTracer"]
+__all__ = ["StepCallback", "StepTracer"]
 
 
 class StepTracer:
@@ -95,3 +95,45 @@ class StepTracer:
             self.log(text)
         else:
             self._console().print(text, markup=False, highlight=False)
+
+
+class StepCallback:
+    """What both framework callbacks share: the options, the step tracer and what it collected.
+
+    Args:
+        every_n_steps: print the report when the trainer's global step is a multiple of this.
+        keep: ``trace(keep=...)`` for each step.
+        on_finding: ``"record"`` (default: log, never interrupt training), ``"warn"`` or ``"raise"``.
+        console: the rich console for reports (default: rich's).
+        log: a function taking one line of text for findings (default: print to ``console``).
+        plugins, disable: passed to each step's trace.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        *,
+        keep: Keep = "stats",
+        on_finding: Policy = "record",
+        console: Console | None = None,
+        log: Callable[[str], None] | None = None,
+        plugins: tuple[Any, ...] = (),
+        disable: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self._steps = StepTracer(every_n_steps, keep, on_finding, console, log, tuple(plugins), tuple(disable))
+
+    @property
+    def last(self) -> Trace | None:
+        """The trace of the last finished step."""
+        return self._steps.last
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding logged so far."""
+        return list(self._steps.findings)
+
+    @property
+    def reports(self) -> int:
+        """How many reports were printed."""
+        return self._steps.reports

@@ -14,9 +14,9 @@ the last batch, ``callback.findings`` every finding of the run as ``(step, findi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
-from gradprobe.integrations._steps import StepTracer
+from gradprobe.integrations._steps import StepCallback
 
 try:
     from lightning.pytorch import Callback
@@ -29,51 +29,15 @@ except ImportError:  # the standalone package
             "(or pip install lightning)"
         ) from exc
 
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from gradprobe._trace import Keep, Policy, Trace
-
 __all__ = ["GradProbeCallback"]
 
 
-class GradProbeCallback(Callback):  # type: ignore[misc]
+class GradProbeCallback(StepCallback, Callback):  # type: ignore[misc]
     """Trace each training batch; log findings at once and the report every ``every_n_steps`` steps.
 
-    Args:
-        every_n_steps: print the report when ``trainer.global_step`` is a multiple of this.
-        keep: ``trace(keep=...)`` for each step.
-        on_finding: ``"record"`` (default: log, never interrupt training), ``"warn"`` or ``"raise"``.
-        console: the rich console for reports (default: rich's).
-        log: a function taking one line of text for findings (default: print to ``console``).
-        plugins, disable: passed to each step's trace.
+    Args: see :class:`gradprobe.integrations._steps.StepCallback` (``every_n_steps``, ``keep``,
+    ``on_finding``, ``console``, ``log``, ``plugins``, ``disable``).
     """
-
-    def __init__(
-        self,
-        every_n_steps: int = 50,
-        *,
-        keep: Keep = "stats",
-        on_finding: Policy = "record",
-        console: Console | None = None,
-        log: Callable[[str], None] | None = None,
-        plugins: tuple[Any, ...] = (),
-        disable: tuple[str, ...] = (),
-    ) -> None:
-        super().__init__()
-        self._steps = StepTracer(every_n_steps, keep, on_finding, console, log, tuple(plugins), tuple(disable))
-
-    @property
-    def last(self) -> Trace | None:
-        return self._steps.last
-
-    @property
-    def findings(self) -> list[Any]:
-        return list(self._steps.findings)
-
-    @property
-    def reports(self) -> int:
-        return self._steps.reports
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._steps.begin(pl_module)

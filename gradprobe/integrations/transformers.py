@@ -17,9 +17,9 @@ Findings are logged as soon as the step ends; the full report every ``every_n_st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
-from gradprobe.integrations._steps import StepTracer
+from gradprobe.integrations._steps import StepCallback
 
 try:
     from transformers import TrainerCallback
@@ -29,44 +29,15 @@ except ImportError as exc:
         "pip install 'gradprobe[transformers]' (or pip install transformers accelerate)"
     ) from exc
 
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from gradprobe._trace import Keep, Policy, Trace
-
 __all__ = ["GradProbeCallback"]
 
 
-class GradProbeCallback(TrainerCallback):  # type: ignore[misc]
+class GradProbeCallback(StepCallback, TrainerCallback):  # type: ignore[misc]
     """Trace each training step; log findings at once and the report every ``every_n_steps`` steps.
 
-    Args: as :class:`gradprobe.integrations.lightning.GradProbeCallback`.
+    Args: see :class:`gradprobe.integrations._steps.StepCallback` (``every_n_steps``, ``keep``,
+    ``on_finding``, ``console``, ``log``, ``plugins``, ``disable``).
     """
-
-    def __init__(
-        self,
-        every_n_steps: int = 50,
-        *,
-        keep: Keep = "stats",
-        on_finding: Policy = "record",
-        console: Console | None = None,
-        log: Callable[[str], None] | None = None,
-        plugins: tuple[Any, ...] = (),
-        disable: tuple[str, ...] = (),
-    ) -> None:
-        self._steps = StepTracer(every_n_steps, keep, on_finding, console, log, tuple(plugins), tuple(disable))
-
-    @property
-    def last(self) -> Trace | None:
-        return self._steps.last
-
-    @property
-    def findings(self) -> list[Any]:
-        return list(self._steps.findings)
-
-    @property
-    def reports(self) -> int:
-        return self._steps.reports
 
     def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is not None:
