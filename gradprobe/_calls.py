@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
@@ -27,8 +27,8 @@ _SIGNATURES = {func: inspect.signature(func) for func in BACKWARD_FUNCTIONS}
 class BackwardCall:
     """A backward call about to run, as plugins see it in ``gradprobe_before_backward``.
 
-    It holds live tensors and is never stored by the trace; :class:`~gradprobe.BackwardRecord` is
-    what stays.
+    It holds live tensors (and the user's frame, so plugins need not walk the stack again) and is
+    never stored by the trace; :class:`~gradprobe.BackwardRecord` is what stays.
     """
 
     index: int
@@ -42,6 +42,7 @@ class BackwardCall:
     func: Callable[..., Any]
     method: bool  # called as ``tensor.backward()``
     is_grads_batched: bool = False
+    frame: FrameType | None = field(default=None, repr=False)  # the user's frame that made the call
 
 
 def _tensors(value: Any) -> tuple[torch.Tensor, ...] | None:
@@ -91,6 +92,7 @@ def describe_call(
         func=func,
         method=method,
         is_grads_batched=bool(params.get("is_grads_batched", False)),
+        frame=frame,
     )
 
 

@@ -281,7 +281,7 @@ class Ledger:
         self.keep = keep
         self.records: list[BackwardRecord] = []
         self.leaves: list[LeafState] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # reentrant: an unseen backward's record is added under it
         self.version = 0  # bumped on every change, so read-backs know when to refresh
         self.pending: list[LeafState] = []  # leaves with a deferred part (NOTE [deferred stats])
 

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Site", "expression_at", "frame_locals", "name_in_frame", "user_frame", "user_site"]
+__all__ = ["Site", "expression_at", "frame_locals", "name_in_frame", "site_of", "user_frame", "user_site"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _GRADPROBE_DIR = os.path.dirname(__file__) + os.sep
@@ -58,12 +58,16 @@ def user_frame(depth: int = 1) -> FrameType | None:
     return frame
 
 
-def user_site(depth: int = 1) -> Site | None:
-    """Return the :class:`Site` of the innermost user frame (``None`` on a thread with no user frame)."""
-    frame = user_frame(depth + 1)
+def site_of(frame: FrameType | None) -> Site | None:
+    """The :class:`Site` a frame is at now (``None`` for no frame)."""
     if frame is None:
         return None
     return Site(frame.f_code.co_filename, frame.f_lineno)
+
+
+def user_site(depth: int = 1) -> Site | None:
+    """Return the :class:`Site` of the innermost user frame (``None`` on a thread with no user frame)."""
+    return site_of(user_frame(depth + 1))
 
 
 # NOTE [f_locals snapshots]

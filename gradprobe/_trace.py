@@ -31,7 +31,7 @@ from gradprobe._decompose_plugin import parse_decompose
 from gradprobe._intercept import Interceptor
 from gradprobe._ledger import BackwardRecord, Leaf, Ledger, LeafState
 from gradprobe._plugins import PluginHost
-from gradprobe._sites import expression_at, name_in_frame, thread_name, user_frame, user_site
+from gradprobe._sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
 from gradprobe._targets import LeafNamer, leaves_of_graph, resolve_targets, tensor_label
 from gradprobe._transforms import COMPILED_CODE, compiled_notice, functorch_active, functorch_notice, has_compiled_node
 from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError
@@ -151,7 +151,7 @@ class Trace(TraceAssertions):
         self._unhooked: list[tuple[torch.Tensor, LeafState]] = []  # tracked before __enter__
         self._muted = 0
         self._finals: list[FinalGrad] | None = None
-        self._cache: tuple[int, list[LeafBreakdown]] | None = None
+        self._cache: list[LeafBreakdown] | None = None  # the breakdown, once the trace is done
         self.every_leaf = not targets
         frame = user_frame(_frame_depth)
         for tensor, name, module in resolve_targets(targets, frame, self._serial):
@@ -238,11 +238,11 @@ class Trace(TraceAssertions):
         Statistics are read back from the device here, once (cached after the trace ended).
         """
         if self._state == "done" and self._cache is not None:
-            return self._cache[1]
+            return self._cache
         finals = self._finals if self._finals is not None else snapshot_final(self._ledger)
         rows = compute_breakdown(self._ledger, finals)
         if self._state == "done":
-            self._cache = (self._ledger.version, rows)
+            self._cache = rows
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -424,7 +424,7 @@ class Trace(TraceAssertions):
             self.notice_once(functorch_notice(user_site(2)))
             return func(*args, **kwargs)
         frame = user_frame(2)
-        site = user_site(2)
+        site = site_of(frame)
         call = describe_call(
             func, args, kwargs, index=len(self._ledger.records), site=site, frame=frame, names=self.given_name
         )
@@ -503,14 +503,11 @@ class Trace(TraceAssertions):
         site = user_site(2)
         source = site.source if site else ""
         kind: Literal["backward", "grad"] = "grad" if "grad(" in source and ".backward(" not in source else "backward"
-        index = len(self._ledger.records)
-        name = expression_at(site, "method" if ".backward(" in source else "function") or f"{kind}#{index}"
-        record = BackwardRecord(
-            index=index, name=name, site=site, retain_graph=False, kind=kind, thread=thread_name(), seen=False
+        name = expression_at(site, "method" if ".backward(" in source else "function")
+        name = name or f"{kind}#{len(self._ledger.records)}"
+        return self._ledger.add_record(
+            name=name, site=site, retain_graph=False, kind=kind, thread=thread_name(), seen=False
         )
-        self._ledger.records.append(record)
-        self._ledger.version += 1
-        return record
 
     def __repr__(self) -> str:
         return (

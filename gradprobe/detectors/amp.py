@@ -24,7 +24,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe._sites import frame_locals, user_frame
+from gradprobe._sites import frame_locals
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
 from gradprobe.report._format import number
@@ -80,7 +80,7 @@ class AmpPlugin:
         self._pending = None
         if call.kind != "backward":
             return
-        scalers = _scalers_in(user_frame(2))
+        scalers = _scalers_in(call.frame)
         if not scalers:
             return
         for root in call.roots:

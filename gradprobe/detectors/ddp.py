@@ -160,7 +160,7 @@ class DdpPlugin:
         self._current = None
         if call.kind != "backward" or not _distributed():
             return
-        self._scan(user_frame(2))
+        self._scan(call.frame)
         if not self.watched:
             return
         self._current = call.index

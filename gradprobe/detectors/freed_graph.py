@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradprobe._graph import iter_nodes, nodes_to_run, saved_state
-from gradprobe._sites import Site, user_frame
+from gradprobe._sites import Site
 from gradprobe.detectors._common import assignment_site, is_augmented, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
@@ -89,7 +89,7 @@ class FreedGraph:
                 var = node.variable
                 leaves[id(var)] = (weakref.ref(var), var._version)
         self._pending[call.index] = _Freed(None, {id(n) for n in live}, leaves)
-        frame = user_frame(2)
+        frame = call.frame
         for finding in self._early_warnings(trace, call, frame, {id(n) for n in nodes}, live):
             trace.emit(finding)
 
@@ -115,7 +115,7 @@ class FreedGraph:
         return None
 
     def _will_raise(self, trace: Trace, call: BackwardCall, nodes: list[Any], freed: list[Any]) -> Finding:
-        frame = user_frame(3)
+        frame = call.frame
         freed_ids = {id(n) for n in freed}
         frontier = [n for n in freed if id(n) in {id(r.grad_fn) for r in call.roots}]
         for node in nodes:

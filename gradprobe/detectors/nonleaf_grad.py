@@ -85,7 +85,7 @@ class NonLeafGrad:
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
-        frame = user_frame(2)
+        frame = call.frame
         if frame is None:
             return
         reads = _grad_reads(frame.f_code)

@@ -15,7 +15,7 @@ import linecache
 import re
 from typing import TYPE_CHECKING, Any
 
-from gradprobe._sites import Site, name_in_frame, user_frame
+from gradprobe._sites import Site, name_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
@@ -120,7 +120,7 @@ class Unreached:
                 continue
             if root.requires_grad and trace._tracked(root):
                 continue  # a backward on a traced leaf itself
-            frame = user_frame(2)
+            frame = call.frame
             name = trace.given_name(root) or name_in_frame(frame, root)
             label = f"`{name}`" if name else call.name
             cause = _cut_cause(frame, name)
