@@ -405,9 +405,8 @@ class Trace(TraceAssertions):
             return
         namer = LeafNamer(frame)
         for tensor in namer.order(new):
-            named = namer.name(tensor)
-            if named is None:
-                named = (name_in_frame(frame, tensor) or tensor_label(tensor, next(self._serial)), None)
+            # the namer already knows every local tensor of the frame by its variable name
+            named = namer.name(tensor) or (tensor_label(tensor, next(self._serial)), None)
             self._track(tensor, named[0], named[1])
 
     # -- backward calls ----------------------------------------------------------------------
