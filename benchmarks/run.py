@@ -86,7 +86,7 @@ def _anomaly() -> Any:
 
 
 def _mode_only() -> ContextManager[Any]:
-    from gradprobe._intercept import Interceptor
+    from gradprobe.capture.intercept import Interceptor
 
     return Interceptor(_PassThrough())  # type: ignore[arg-type]
 

@@ -4,14 +4,14 @@
     gradprobe run --json out.json --html out.html train.py
 
 This example writes a small two-loss training script to a temporary folder and runs it exactly as
-the command line would (`gradprobe.cli.main`), so the report below is what the terminal shows.
+the command line would (`gradprobe.integrations.cli.main`), so the report below is what the terminal shows.
 """
 
 import tempfile
 import textwrap
 from pathlib import Path
 
-from gradprobe.cli import main
+from gradprobe.integrations.cli import main
 
 TRAIN = textwrap.dedent(
     """

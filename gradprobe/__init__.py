@@ -1,7 +1,7 @@
 """gradprobe: see which loss moved which weight, and catch autograd mistakes before PyTorch does.
 
 # NOTE [lazy facade]
-# The pytest plugin (`gradprobe.pytest_plugin`) is imported on every pytest run of every project
+# The pytest plugin (`gradprobe.integrations.pytest_plugin`) is imported on every pytest run of every project
 # that has gradprobe installed, and importing it imports this package first. So this facade
 # imports nothing heavy: each public name is loaded from its module (and torch with it) on first
 # use, PEP 562 style. `import gradprobe` alone costs microseconds.
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any
 
-    from gradprobe._breakdown import CarriedIn, LeafBreakdown, Part
-    from gradprobe._calls import BackwardCall
-    from gradprobe._ledger import BackwardRecord, Leaf
-    from gradprobe._plugins import refresh_plugins
-    from gradprobe._sites import Site
-    from gradprobe._split import LeafSplit, ModuleSplit, Split
-    from gradprobe._trace import Trace, trace
+    from gradprobe.analysis.breakdown import CarriedIn, LeafBreakdown, Part
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.ledger.ledger import BackwardRecord, Leaf
+    from gradprobe.capture.host import refresh_plugins
+    from gradprobe.findings import Site
+    from gradprobe.analysis.split import LeafSplit, ModuleSplit, Split
+    from gradprobe.api.trace import Trace, trace
     from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError, TraceTargetError
     from gradprobe.findings import Finding, RelatedSite
     from gradprobe.hookspecs import hookimpl
@@ -28,26 +28,26 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BackwardCall": "gradprobe._calls",
-    "BackwardRecord": "gradprobe._ledger",
-    "CarriedIn": "gradprobe._breakdown",
+    "BackwardCall": "gradprobe.capture.calls",
+    "BackwardRecord": "gradprobe.ledger.ledger",
+    "CarriedIn": "gradprobe.analysis.breakdown",
     "Finding": "gradprobe.findings",
     "GradProbeError": "gradprobe.exceptions",
     "GradProbeWarning": "gradprobe.exceptions",
-    "Leaf": "gradprobe._ledger",
-    "LeafBreakdown": "gradprobe._breakdown",
-    "LeafSplit": "gradprobe._split",
-    "ModuleSplit": "gradprobe._split",
-    "Part": "gradprobe._breakdown",
+    "Leaf": "gradprobe.ledger.ledger",
+    "LeafBreakdown": "gradprobe.analysis.breakdown",
+    "LeafSplit": "gradprobe.analysis.split",
+    "ModuleSplit": "gradprobe.analysis.split",
+    "Part": "gradprobe.analysis.breakdown",
     "RelatedSite": "gradprobe.findings",
-    "Site": "gradprobe._sites",
-    "Split": "gradprobe._split",
-    "Trace": "gradprobe._trace",
+    "Site": "gradprobe.findings",
+    "Split": "gradprobe.analysis.split",
+    "Trace": "gradprobe.api.trace",
     "TraceStateError": "gradprobe.exceptions",
     "TraceTargetError": "gradprobe.exceptions",
     "hookimpl": "gradprobe.hookspecs",
-    "refresh_plugins": "gradprobe._plugins",
-    "trace": "gradprobe._trace",
+    "refresh_plugins": "gradprobe.capture.host",
+    "trace": "gradprobe.api.trace",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import linecache
+import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from gradprobe._sites import Site
-
-__all__ = ["Finding", "RelatedSite", "Severity"]
+__all__ = ["Finding", "RelatedSite", "Severity", "Site"]
 
 Severity = Literal["error", "warning", "info"]
 _SEVERITIES = ("error", "warning", "info")
+
+
+class Site(NamedTuple):
+    """A place in the user's source: ``(filename, lineno)``."""
+
+    filename: str
+    lineno: int
+
+    def __str__(self) -> str:
+        return f"{os.path.basename(self.filename)}:{self.lineno}"
+
+    @property
+    def source(self) -> str:
+        """The stripped source line, or ``""`` when it cannot be read."""
+        return linecache.getline(self.filename, self.lineno).strip()
 
 
 @dataclass(frozen=True)

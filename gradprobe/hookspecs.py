@@ -41,10 +41,10 @@ if TYPE_CHECKING:
 
     import torch
 
-    from gradprobe._calls import BackwardCall
-    from gradprobe._ledger import BackwardRecord
-    from gradprobe._sites import Site
-    from gradprobe._trace import Trace
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.ledger.ledger import BackwardRecord
+    from gradprobe.capture.sites import Site
+    from gradprobe.api.trace import Trace
     from gradprobe.findings import Finding
 
 hookspec = pluggy.HookspecMarker("gradprobe")

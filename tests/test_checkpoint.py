@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import gradprobe
-from gradprobe._checkpoint import checkpoint_leaves
+from gradprobe.capture.checkpoint import checkpoint_leaves
 
 
 class Checkpointed(nn.Module):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gradprobe
-from gradprobe.cli import main, run_script
+from gradprobe.integrations.cli import main, run_script
 
 SCRIPT = textwrap.dedent(
     """

@@ -15,7 +15,7 @@ from rich.console import Console
 from torch import nn
 
 import gradprobe
-from gradprobe import _plugins
+from gradprobe.capture import host as _plugins
 
 PACKAGE = Path(__file__).parent.parent / "examples" / "custom_plugin"
 

@@ -14,8 +14,8 @@ from models import MLP, MultiTask, TinyFPNDetector, TinyLSTM, TinyTransformer
 from rich.console import Console
 
 import gradprobe
-from gradprobe._decompose_plugin import parse_decompose
-from gradprobe._losses import LOSS_FUNCTIONS
+from gradprobe.analysis.decompose_plugin import parse_decompose
+from gradprobe.analysis.losses import LOSS_FUNCTIONS
 
 
 def _render(t: gradprobe.Trace) -> str:
@@ -316,7 +316,7 @@ def test_stats_mode_keeps_no_part_copies_and_no_graph():
 
 def test_vmap_failure_falls_back_to_loop_and_says_so(monkeypatch):
     """When the vectorized call fails, the parts come from one call per loss and the report says so."""
-    import gradprobe._decompose as dec
+    import gradprobe.analysis.decompose as dec
 
     def broken(*args, **kwargs):
         raise RuntimeError("Batching rule not implemented for aten::fake_op")

@@ -140,7 +140,7 @@ def test_transformers_callback_traces_each_step(tmp_path: Path) -> None:
 
 def test_callbacks_reject_bad_every_n_steps() -> None:
     """every_n_steps below 1 is refused with a clear message."""
-    from gradprobe.integrations._steps import StepTracer
+    from gradprobe.integrations.steps import StepTracer
 
     with pytest.raises(ValueError, match="every_n_steps"):
         StepTracer(0, "stats", "record", None, None, (), ())

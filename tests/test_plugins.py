@@ -11,7 +11,7 @@ from models import MLP
 from rich.console import Console
 
 import gradprobe
-from gradprobe import _plugins
+from gradprobe.capture import host as _plugins
 from gradprobe.findings import Finding
 
 HOOKS = [

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import gradprobe
-from gradprobe import _plugins
+from gradprobe.capture import host as _plugins
 from gradprobe.findings import Finding
 
 pytest_plugins = ["pytester"]

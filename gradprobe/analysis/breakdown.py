@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from gradprobe._ledger import _dot, _norms
+from gradprobe.ledger.ledger import _dot, _norms
 
 if TYPE_CHECKING:
-    from gradprobe._ledger import EpochStart, Leaf, Ledger, LeafState, PartStats, Reduced
+    from gradprobe.ledger.ledger import EpochStart, Leaf, Ledger, LeafState, PartStats, Reduced
 
 __all__ = ["CarriedIn", "FinalGrad", "LeafBreakdown", "Part", "compute_breakdown", "snapshot_final"]
 

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 if TYPE_CHECKING:
-    from gradprobe._ledger import LeafState
-    from gradprobe._losses import Component
+    from gradprobe.ledger.ledger import LeafState
+    from gradprobe.analysis.losses import Component
 
 __all__ = ["LeafReduction", "compute_rows", "reduce_rows", "weights_of"]
 

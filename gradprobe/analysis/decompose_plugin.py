@@ -1,7 +1,7 @@
 """The built-in ``decompose`` plugin: splits backwards of combined losses, finds conflicting losses.
 
 It watches ``torch.nn.functional`` losses through the interceptor (only when ``decompose`` is on),
-computes per-loss parts before a backward runs (see :mod:`gradprobe._decompose`), reduces them in
+computes per-loss parts before a backward runs (see :mod:`gradprobe.analysis.decompose`), reduces them in
 that backward's own leaf hooks, and turns everything into :class:`~gradprobe.Split` objects, conflict
 findings and a report section.
 """
@@ -13,18 +13,18 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from gradprobe._decompose import LeafReduction, compute_rows, reduce_rows, weights_of
-from gradprobe._losses import LOSS_FUNCTIONS, LossBook, find_components
-from gradprobe._sites import user_frame
-from gradprobe._split import FLOOR, RTOL, LeafSplit, Split
-from gradprobe._split_sources import per_backward_split, read_back
+from gradprobe.analysis.decompose import LeafReduction, compute_rows, reduce_rows, weights_of
+from gradprobe.analysis.losses import LOSS_FUNCTIONS, LossBook, find_components
+from gradprobe.capture.sites import user_frame
+from gradprobe.analysis.split import FLOOR, RTOL, LeafSplit, Split
+from gradprobe.analysis.split_sources import per_backward_split, read_back
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from gradprobe._calls import BackwardCall
-    from gradprobe._ledger import BackwardRecord
-    from gradprobe._trace import Trace
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.ledger.ledger import BackwardRecord
+    from gradprobe.api.trace import Trace
 
 __all__ = ["Decomposer", "parse_decompose"]
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-    from gradprobe._ledger import Leaf
-    from gradprobe._sites import Site
+    from gradprobe.ledger.ledger import Leaf
+    from gradprobe.capture.sites import Site
 
 __all__ = ["CONFLICT_COSINE", "FLOOR", "NEGLIGIBLE", "RTOL", "GramView", "LeafSplit", "ModuleSplit", "Split"]
 

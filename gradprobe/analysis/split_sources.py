@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradprobe._split import LeafSplit, Split
+from gradprobe.analysis.split import LeafSplit, Split
 
 if TYPE_CHECKING:
-    from gradprobe._trace import Trace
+    from gradprobe.api.trace import Trace
 
 __all__ = ["per_backward_split", "read_back"]
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gradprobe._sites import name_in_frame, user_frame
+from gradprobe.capture.sites import name_in_frame, user_frame
 
 if TYPE_CHECKING:
-    from gradprobe._breakdown import LeafBreakdown
-    from gradprobe._ledger import BackwardRecord
+    from gradprobe.analysis.breakdown import LeafBreakdown
+    from gradprobe.ledger.ledger import BackwardRecord
     from gradprobe.findings import Finding
 
 __all__ = ["TraceAssertions"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
-from gradprobe._sites import Site, expression_at, name_in_frame
+from gradprobe.capture.sites import Site, expression_at, name_in_frame
 
 if TYPE_CHECKING:
     from types import FrameType

@@ -37,7 +37,7 @@ from gradprobe.findings import Finding
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from gradprobe._trace import Trace
+    from gradprobe.api.trace import Trace
 
 __all__ = ["BUILTIN_PLUGINS", "PluginHost", "refresh_plugins"]
 
@@ -50,11 +50,11 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "unreached": "gradprobe.detectors.unreached:Unreached",
     "nonfinite": "gradprobe.detectors.nonfinite:NonFinite",
     "nonfinite_modules": "gradprobe.detectors.nonfinite:NonFiniteModules",
-    "decompose": "gradprobe._decompose_plugin:Decomposer",
-    "report.calls": "gradprobe.report._sections:CallsSection",
-    "report.breakdown": "gradprobe.report._sections:BreakdownSection",
-    "report.decomposition": "gradprobe.report._decomposition:DecompositionSection",
-    "report.findings": "gradprobe.report._sections:FindingsSection",
+    "decompose": "gradprobe.analysis.decompose_plugin:Decomposer",
+    "report.calls": "gradprobe.report.sections:CallsSection",
+    "report.breakdown": "gradprobe.report.sections:BreakdownSection",
+    "report.decomposition": "gradprobe.report.decomposition:DecompositionSection",
+    "report.findings": "gradprobe.report.sections:FindingsSection",
     "amp": "gradprobe.detectors.amp:AmpPlugin",
     "ddp": "gradprobe.detectors.ddp:DdpPlugin",
 }

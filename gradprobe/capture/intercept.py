@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from gradprobe._calls import BACKWARD_FUNCTIONS
-from gradprobe._sites import user_site
+from gradprobe.capture.calls import BACKWARD_FUNCTIONS
+from gradprobe.capture.sites import user_site
 
 if TYPE_CHECKING:
-    from gradprobe._trace import Trace
+    from gradprobe.capture.recorder import Recorder
 
 __all__ = ["Interceptor", "written_tensors"]
 
@@ -97,9 +97,9 @@ def _flag(index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 class Interceptor(TorchFunctionMode):
     """Routes the few torch calls a trace cares about to it; passes everything else straight on."""
 
-    def __init__(self, trace: Trace) -> None:
+    def __init__(self, recorder: Recorder) -> None:
         super().__init__()
-        self._trace = trace
+        self._recorder = recorder
         self.watch_grad_reads = False
         self.watch_writes = False
         # func -> handler(func, args, kwargs): the only per-call lookup for functions nobody watches
@@ -108,7 +108,12 @@ class Interceptor(TorchFunctionMode):
         )
 
     def _backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self._trace._run_backward(func, args, kwargs)
+        return self._recorder.run_backward(func, args, kwargs)
+
+    def _call(self, hook_name: str, **kwargs: Any) -> None:
+        recorder = self._recorder
+        if recorder.host is not None:
+            recorder.host.call(hook_name, trace=recorder.subject, **kwargs)
 
     def __torch_function__(
         self,
@@ -125,7 +130,7 @@ class Interceptor(TorchFunctionMode):
         if (self.watch_grad_reads or self.watch_writes) and _is_compiling():
             pass  # Dynamo is tracing a compiled region: see NOTE [torch.compile] in _transforms.py
         elif self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
-            self._trace._plugins.call("gradprobe_grad_read", trace=self._trace, tensor=args[0], site=user_site())
+            self._call("gradprobe_grad_read", tensor=args[0], site=user_site())
         elif self.watch_writes:
             kind = _WRITES.get(func)
             if kind is None:
@@ -134,7 +139,5 @@ class Interceptor(TorchFunctionMode):
             # any function may take out=; only in-place ones write through args[0]
             written = written_tensors(func, args, kwargs, in_place) if (in_place or "out" in kwargs) else []
             if written:
-                self._trace._plugins.call(
-                    "gradprobe_inplace_write", trace=self._trace, tensors=written, func=func, site=user_site()
-                )
+                self._call("gradprobe_inplace_write", tensors=written, func=func, site=user_site())
         return func(*args, **kwargs)

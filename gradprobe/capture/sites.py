@@ -7,40 +7,26 @@ neither to torch nor to gradprobe (nor to a handful of stdlib plumbing modules).
 from __future__ import annotations
 
 import functools
-import linecache
 import os
 import re
 import sys
 import sysconfig
 import threading
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
+
+from gradprobe.findings import Site
 
 __all__ = ["Site", "expression_at", "frame_locals", "name_in_frame", "site_of", "user_frame", "user_site"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_GRADPROBE_DIR = os.path.dirname(__file__) + os.sep
+_GRADPROBE_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep  # the whole package
 _STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
 _STDLIB_PLUMBING = tuple(
     _STDLIB_DIR + name for name in ("contextlib.py", "threading.py", "functools.py", "runpy.py")
 )
-
-
-class Site(NamedTuple):
-    """A place in the user's source: ``(filename, lineno)``."""
-
-    filename: str
-    lineno: int
-
-    def __str__(self) -> str:
-        return f"{os.path.basename(self.filename)}:{self.lineno}"
-
-    @property
-    def source(self) -> str:
-        """The stripped source line, or ``""`` when it cannot be read."""
-        return linecache.getline(self.filename, self.lineno).strip()
 
 
 @functools.lru_cache(maxsize=4096)

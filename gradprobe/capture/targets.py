@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gradprobe._checkpoint import checkpoint_leaves
-from gradprobe._graph import iter_nodes
-from gradprobe._sites import frame_locals, name_in_frame
+from gradprobe.capture.checkpoint import checkpoint_leaves
+from gradprobe.capture.graph import iter_nodes
+from gradprobe.capture.sites import frame_locals, name_in_frame
 from gradprobe.exceptions import GradProbeWarning, TraceTargetError
 
 if TYPE_CHECKING:

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradprobe._graph import iter_nodes
+from gradprobe.capture.graph import iter_nodes
 from gradprobe.findings import Finding
 
 if TYPE_CHECKING:
-    from gradprobe._sites import Site
+    from gradprobe.capture.sites import Site
 
 __all__ = ["COMPILED_CODE", "FUNCTORCH_CODE", "compiled_notice", "functorch_active", "functorch_notice", "has_compiled_node"]
 

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradprobe._breakdown import read_floats
-from gradprobe._sites import Site
+from gradprobe.analysis.breakdown import read_floats
+from gradprobe.capture.sites import Site
 
 if TYPE_CHECKING:
     from types import FrameType
 
-    from gradprobe._trace import Trace
+    from gradprobe.api.trace import Trace
 
 __all__ = ["LedgerFacts", "assignment_site", "ledger_facts", "op_name", "tensors_in_frame"]
 

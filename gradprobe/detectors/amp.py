@@ -24,16 +24,16 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe._sites import frame_locals
+from gradprobe.capture.sites import frame_locals
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
-from gradprobe.report._format import number
+from gradprobe._format import number
 
 if TYPE_CHECKING:
-    from gradprobe._calls import BackwardCall
-    from gradprobe._ledger import BackwardRecord
-    from gradprobe._sites import Site
-    from gradprobe._trace import Trace
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.ledger.ledger import BackwardRecord
+    from gradprobe.capture.sites import Site
+    from gradprobe.api.trace import Trace
 
 __all__ = ["AmpPlugin"]
 

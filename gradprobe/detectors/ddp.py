@@ -41,19 +41,19 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe._ledger import _norms
-from gradprobe._sites import frame_locals, user_frame
+from gradprobe.ledger.ledger import _norms
+from gradprobe.capture.sites import frame_locals, user_frame
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
-from gradprobe.report._format import number
+from gradprobe._format import number
 
 if TYPE_CHECKING:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.hooks import RemovableHandle
 
-    from gradprobe._calls import BackwardCall
-    from gradprobe._ledger import BackwardRecord, LeafState
-    from gradprobe._trace import Trace
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.ledger.ledger import BackwardRecord, LeafState
+    from gradprobe.api.trace import Trace
 
 __all__ = ["DdpPlugin", "ddp_parameters"]
 

@@ -3,7 +3,7 @@
 # NOTE [predicting "backward through the graph a second time"]
 # Before every traced backward the detector lists the nodes the engine will run (pruned to paths
 # that reach `inputs=` / the inputs of autograd.grad) and asks each whether it holds, released, or
-# never had saved tensors (gradprobe._graph.saved_state). A released one means PyTorch will raise:
+# never had saved tensors (gradprobe.capture.graph.saved_state). A released one means PyTorch will raise:
 # GP101 is emitted before the call runs, so `on_finding="raise"` turns it into GradProbeError at the
 # user's line. At a backward without retain_graph, the nodes it will release are intersected with the
 # graphs of other live losses that have not been backwarded (tensors bound in the caller's frame, or
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradprobe._graph import iter_nodes, nodes_to_run, saved_state
-from gradprobe._sites import Site
+from gradprobe.capture.graph import iter_nodes, nodes_to_run, saved_state
+from gradprobe.capture.sites import Site
 from gradprobe.detectors._common import assignment_site, is_augmented, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
@@ -30,9 +30,9 @@ from gradprobe.hookspecs import hookimpl
 if TYPE_CHECKING:
     from types import FrameType
 
-    from gradprobe._calls import BackwardCall
-    from gradprobe._ledger import BackwardRecord
-    from gradprobe._trace import Trace
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.ledger.ledger import BackwardRecord
+    from gradprobe.api.trace import Trace
 
 __all__ = ["FreedGraph"]
 

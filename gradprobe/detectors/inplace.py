@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from gradprobe._sites import Site, name_in_frame, user_frame, user_site
+from gradprobe.capture.sites import Site, name_in_frame, user_frame, user_site
 from gradprobe.exceptions import GradProbeError
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
@@ -31,8 +31,8 @@ from gradprobe.hookspecs import hookimpl
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from gradprobe._calls import BackwardCall
-    from gradprobe._trace import Trace
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.api.trace import Trace
 
 __all__ = ["InplaceSaved"]
 

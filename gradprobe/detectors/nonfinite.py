@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradprobe._sites import user_frame
+from gradprobe.capture.sites import user_frame
 from gradprobe.detectors._common import ledger_facts
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from torch.utils.hooks import RemovableHandle
 
-    from gradprobe._trace import Trace
+    from gradprobe.api.trace import Trace
 
 __all__ = ["NonFinite", "NonFiniteModules"]
 

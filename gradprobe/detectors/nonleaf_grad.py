@@ -16,7 +16,7 @@ import linecache
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from gradprobe._sites import Site, name_in_frame, user_frame
+from gradprobe.capture.sites import Site, name_in_frame, user_frame
 from gradprobe.detectors._common import assignment_site, op_name
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
     import torch
 
-    from gradprobe._calls import BackwardCall
-    from gradprobe._trace import Trace
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.api.trace import Trace
 
 __all__ = ["NonLeafGrad"]
 

@@ -25,9 +25,9 @@ from gradprobe.hookspecs import hookimpl
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from gradprobe._calls import BackwardCall
-    from gradprobe._ledger import BackwardRecord
-    from gradprobe._trace import Trace
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.ledger.ledger import BackwardRecord
+    from gradprobe.api.trace import Trace
 
 __all__ = ["StaleGrad"]
 

@@ -15,7 +15,7 @@ import linecache
 import re
 from typing import TYPE_CHECKING, Any
 
-from gradprobe._sites import Site, name_in_frame
+from gradprobe.capture.sites import Site, name_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from types import FrameType
 
-    from gradprobe._calls import BackwardCall
-    from gradprobe._trace import Trace
+    from gradprobe.capture.calls import BackwardCall
+    from gradprobe.api.trace import Trace
 
 __all__ = ["Unreached"]
 

@@ -22,7 +22,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
-from gradprobe._trace import Trace
+from gradprobe.api.trace import Trace
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -106,7 +106,7 @@ def _write_outputs(tracer: Trace, json_path: str | None, html_path: str | None, 
         with open(json_path, "w", encoding="utf-8") as fh:
             json.dump(tracer.to_dict(), fh, indent=2)
     if html_path:
-        from gradprobe.report._export import render
+        from gradprobe.report.export import render
 
         with open(html_path, "w", encoding="utf-8") as fh:
             fh.write(render(tracer).export_html(inline_styles=True))

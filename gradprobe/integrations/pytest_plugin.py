@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from gradprobe._trace import Trace
+    from gradprobe.api.trace import Trace
     from gradprobe.findings import Finding
 
 __all__ = ["GradProbeFixture"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from gradprobe._trace import Keep, Policy, Trace
+    from gradprobe.api.trace import Keep, Policy, Trace
     from gradprobe.findings import Finding
 
 __all__ = ["StepCallback", "StepTracer"]
@@ -51,7 +51,7 @@ class StepTracer:
         self.reports = 0
 
     def begin(self, model: Any) -> None:
-        from gradprobe._trace import Trace
+        from gradprobe.api.trace import Trace
 
         self.close()
         self._closed = None

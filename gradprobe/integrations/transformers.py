@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradprobe.integrations._steps import StepCallback
+from gradprobe.integrations.steps import StepCallback
 
 try:
     from transformers import TrainerCallback
@@ -35,7 +35,7 @@ __all__ = ["GradProbeCallback"]
 class GradProbeCallback(StepCallback, TrainerCallback):  # type: ignore[misc]
     """Trace each training step; log findings at once and the report every ``every_n_steps`` steps.
 
-    Args: see :class:`gradprobe.integrations._steps.StepCallback` (``every_n_steps``, ``keep``,
+    Args: see :class:`gradprobe.integrations.steps.StepCallback` (``every_n_steps``, ``keep``,
     ``on_finding``, ``console``, ``log``, ``plugins``, ``disable``).
     """
 

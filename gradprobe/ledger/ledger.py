@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 if TYPE_CHECKING:
-    from gradprobe._sites import Site
+    from gradprobe.capture.sites import Site
 
 __all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats", "Reduced"]
 

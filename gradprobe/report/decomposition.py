@@ -8,15 +8,15 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe._split import CONFLICT_COSINE, NEGLIGIBLE
+from gradprobe.analysis.split import CONFLICT_COSINE, NEGLIGIBLE
 from gradprobe.hookspecs import hookimpl
-from gradprobe.report._format import check_cell, number, share
+from gradprobe._format import check_cell, number, share
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from gradprobe._split import GramView, Split
-    from gradprobe._trace import Trace
+    from gradprobe.analysis.split import GramView, Split
+    from gradprobe.api.trace import Trace
 
 __all__ = ["DecompositionSection", "split_table"]
 

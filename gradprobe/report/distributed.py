@@ -21,12 +21,12 @@ from rich.table import Table
 from rich.text import Text
 
 from gradprobe.findings import Finding
-from gradprobe.report._format import check_cell, number
+from gradprobe._format import check_cell, number
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
 
-    from gradprobe._trace import Trace
+    from gradprobe.api.trace import Trace
 
 __all__ = ["LeafAcrossRanks", "MergedTrace", "gather_trace", "summarize"]
 

@@ -10,7 +10,7 @@ from rich.console import Console
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from gradprobe._trace import Trace
+    from gradprobe.api.trace import Trace
 
 __all__ = ["mimebundle", "render"]
 

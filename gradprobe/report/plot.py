@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gradprobe._split import Split
+    from gradprobe.analysis.split import Split
 
 __all__ = ["plot_split"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gradprobe.hookspecs import hookimpl
-from gradprobe.report._tables import breakdown_table, calls_table, findings_panel
+from gradprobe.report.tables import breakdown_table, calls_table, findings_panel
 
 if TYPE_CHECKING:
-    from gradprobe._trace import Trace
+    from gradprobe.api.trace import Trace
 
 __all__ = ["BreakdownSection", "CallsSection", "FindingsSection"]
 

@@ -10,14 +10,14 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe.report._format import check_cell, nonfinite, number, share
+from gradprobe._format import check_cell, nonfinite, number, share
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 
-    from gradprobe._breakdown import LeafBreakdown, Part
-    from gradprobe._ledger import BackwardRecord
-    from gradprobe._trace import Trace
+    from gradprobe.analysis.breakdown import LeafBreakdown, Part
+    from gradprobe.ledger.ledger import BackwardRecord
+    from gradprobe.api.trace import Trace
     from gradprobe.findings import Finding
 
 __all__ = ["breakdown_table", "calls_table", "findings_panel"]

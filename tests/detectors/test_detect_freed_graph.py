@@ -11,7 +11,7 @@ from models import Discriminator, Generator
 from torch import nn
 
 import gradprobe
-from gradprobe._graph import nodes_to_run, saved_state
+from gradprobe.capture.graph import nodes_to_run, saved_state
 
 
 def test_notebook_warns_at_first_backward_and_predicts_the_second() -> None:

@@ -9,7 +9,7 @@ from models import MLP
 from torch import nn
 
 import gradprobe
-from gradprobe._plugins import BUILTIN_PLUGINS
+from gradprobe.capture.host import BUILTIN_PLUGINS
 
 # -- stale_grad ---------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradprobe
-from gradprobe._graph import iter_nodes, saved_slots, saved_state
+from gradprobe.capture.graph import iter_nodes, saved_slots, saved_state
 
 
 def test_walk_never_runs_unpack_hooks() -> None:

@@ -1,0 +1,331 @@
+"""The recorder: installs the hooks of one trace and turns what they see into ledger entries.
+
+Place in the flow: this is the capture layer's engine. It owns every hook handle (leaf tensor hooks,
+post-accumulate hooks, the interceptor mode, root prehooks), tracks which leaves are recorded, binds
+each hook call to the backward call it belongs to, writes parts into the :class:`Ledger`, and tells
+the plugin host about backward calls. It knows nothing of breakdowns, detectors or reports: the
+public :class:`~gradprobe.Trace` sits on top of it and is passed to plugins as their subject.
+
+# NOTE [which backward a hook belongs to]
+# `torch._C._current_graph_task_id()` is one id per backward call, shared by all its hooks, but it
+# is only assigned once the engine starts. So before running a call, the recorder registers a prehook
+# on each root's grad_fn; the root runs first, and its prehook binds the task id to the call's
+# record. A hook with a task id nobody bound belongs to a backward nested in a traced one (a
+# reentrant checkpoint) when a traced call is running on that thread or the hook runs on an engine
+# device thread, and otherwise to a backward started on a thread the interceptor cannot see (modes
+# are thread-local); that one gets a record of its own, named from what its hooks can learn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+import threading
+import weakref
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import torch
+
+from gradprobe.capture.calls import describe_call
+from gradprobe.capture.intercept import Interceptor
+from gradprobe.capture.sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
+from gradprobe.capture.targets import LeafNamer, leaves_of_graph, tensor_label
+from gradprobe.capture.transforms import (
+    COMPILED_CODE,
+    compiled_notice,
+    functorch_active,
+    functorch_notice,
+    has_compiled_node,
+)
+from gradprobe.ledger.ledger import Ledger
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+    from gradprobe.capture.host import PluginHost
+    from gradprobe.ledger.ledger import BackwardRecord, LeafState
+
+__all__ = ["Recorder"]
+
+_current_task = torch._C._current_graph_task_id
+_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+_no_torch_function = torch._C.DisableTorchFunction
+
+State = Literal["new", "active", "done"]
+
+
+class Recorder:
+    """Hooks → ledger for one trace.
+
+    Args:
+        keep: the ledger's mode (``"stats"`` or ``"tensors"``).
+        subject: the object plugins receive as ``trace=`` (the public :class:`~gradprobe.Trace`);
+            it must offer ``notice_once(finding)``.
+    """
+
+    def __init__(self, keep: Literal["stats", "tensors"], subject: Any) -> None:
+        self.subject = subject
+        self.host: PluginHost | None = None  # set by the owner once its plugins are registered
+        self.ledger = Ledger(keep)
+        self.serial = itertools.count()
+        self.names: dict[int, tuple[Any, str]] = {}  # id(tensor) -> (weakref, name given with t.name)
+        self.by_id: dict[int, LeafState] = {}
+        self.state: State = "new"
+        self.mode = Interceptor(self)
+        self.every_leaf = False
+        self.muted = 0
+        self.notices: set[str] = set()
+        self._handles: list[Any] = []
+        self._by_task: dict[int, BackwardRecord] = {}
+        self._active: dict[int, list[BackwardRecord]] = {}  # thread ident -> running traced calls
+        self._quiet_records: set[int] = set()
+        self._flushing: set[int] = set()  # graph tasks with a flush callback queued
+        self._unhooked: list[tuple[torch.Tensor, LeafState]] = []  # tracked before install()
+
+    # -- names -------------------------------------------------------------------------------
+
+    def set_name(self, tensor: torch.Tensor, name: str) -> None:
+        self.names[id(tensor)] = (weakref.ref(tensor), name)
+        state = self.by_id.get(id(tensor))
+        if state is not None and state.leaf.tensor is tensor:
+            state.leaf = replace(state.leaf, name=name)
+
+    def given_name(self, tensor: torch.Tensor) -> str | None:
+        entry = self.names.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return str(entry[1])
+        return None
+
+    # -- install / remove --------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Put every hook on (the trace's ``__enter__``); on failure, whatever went on comes off."""
+        assert self.host is not None
+        self.state = "active"
+        if "torch._dynamo" in sys.modules:  # NOTE [torch.compile] at run_backward
+            self.run_backward = torch.compiler.disable(self.run_backward)  # type: ignore[method-assign]
+        try:
+            unhooked, self._unhooked = self._unhooked, []
+            for tensor, state in unhooked:
+                self._hook(tensor, state)
+            self.mode.watch_grad_reads = self.host.implemented("gradprobe_grad_read")
+            self.mode.watch_writes = self.host.implemented("gradprobe_inplace_write")
+            self.mode.__enter__()
+            self._handles.append(_ModeHandle(self.mode))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Take every hook off (idempotent; runs in the trace's ``finally`` path)."""
+        self.state = "done"
+        self._unhooked = []
+        handles, self._handles = self._handles, []
+        for handle in reversed(handles):
+            handle.remove()
+        self._by_task.clear()
+        self._active.clear()
+
+    def flush(self, everything: bool = False) -> None:
+        with _no_torch_function():
+            self.ledger.flush(everything=everything)
+
+    @contextlib.contextmanager
+    def muting(self) -> Iterator[None]:
+        self.muted += 1
+        try:
+            yield
+        finally:
+            self.muted -= 1
+
+    # -- leaves and hooks --------------------------------------------------------------------
+
+    def track(self, tensor: torch.Tensor, name: str, module: str | None) -> LeafState:
+        state = self.ledger.add_leaf(tensor, self.given_name(tensor) or name, module)
+        self.by_id[id(tensor)] = state
+        if self.state == "active":
+            self._hook(tensor, state)
+        else:  # hooks go on at install(): a trace never entered (or failing in __init__) leaves none
+            self._unhooked.append((tensor, state))
+        return state
+
+    def _hook(self, tensor: torch.Tensor, state: LeafState) -> None:
+        hooks = _LeafHooks(self, state)
+        self._handles.append(tensor.register_hook(hooks.on_grad))
+        self._handles.append(tensor.register_post_accumulate_grad_hook(hooks.on_accumulated))
+
+    def flush_task(self, task: int) -> None:
+        """End of a backward (engine callback): take the deferred statistics (NOTE [deferred stats])."""
+        self._flushing.discard(task)
+        with _no_torch_function():
+            self.ledger.flush()
+
+    def tracked(self, tensor: torch.Tensor) -> bool:
+        state = self.by_id.get(id(tensor))
+        return state is not None and state.leaf.tensor is tensor
+
+    def _discover(self, roots: tuple[torch.Tensor, ...], frame: Any) -> None:
+        new = [t for t in leaves_of_graph(roots) if not self.tracked(t)]
+        if not new:
+            return
+        namer = LeafNamer(frame)
+        for tensor in namer.order(new):
+            # the namer already knows every local tensor of the frame by its variable name
+            named = namer.name(tensor) or (tensor_label(tensor, next(self.serial)), None)
+            self.track(tensor, named[0], named[1])
+
+    # -- backward calls ----------------------------------------------------------------------
+
+    # NOTE [torch.compile]: a backward called inside a compiled function runs (with its hooks,
+    # which inherit this frame's setting) outside Dynamo, instead of Dynamo tracing gradprobe's
+    # bookkeeping and breaking the graph at each frame walk and lock. `install` wraps this method
+    # in `torch.compiler.disable` when Dynamo is loaded; importing Dynamo only for that would add
+    # ~1.5 s to `import gradprobe` for everyone who never compiles.
+    def run_backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        host = self.host
+        if self.muted or self.state != "active" or host is None:
+            return func(*args, **kwargs)
+        if functorch_active():  # NOTE [torch.func] in transforms.py
+            self.subject.notice_once(functorch_notice(user_site(2)))
+            return func(*args, **kwargs)
+        frame = user_frame(2)
+        site = site_of(frame)
+        call = describe_call(
+            func, args, kwargs, index=len(self.ledger.records), site=site, frame=frame, names=self.given_name
+        )
+        if self.every_leaf:
+            self._discover(call.roots + (call.inputs or ()), frame)
+        watching = self.mode.watch_writes or self.mode.watch_grad_reads
+        if watching and COMPILED_CODE not in self.notices and has_compiled_node(call.roots):
+            self.subject.notice_once(compiled_notice(site))
+        record = self.ledger.add_record(
+            name=call.name,
+            site=site,
+            retain_graph=call.retain_graph,
+            kind=call.kind,
+            create_graph=call.create_graph,
+            inputs=None if call.inputs is None else tuple(self._label(t, frame) for t in call.inputs),
+            thread=thread_name(),
+        )
+        if call.is_grads_batched:
+            self._quiet_records.add(record.index)  # hooks see vmapped gradients: not parts of .grad
+        call = replace(call, index=record.index)
+        stack = self._active.setdefault(threading.get_ident(), [])
+        stack.append(record)
+        handles = [
+            root.grad_fn.register_prehook(lambda grad_outputs, r=record: self._bind(r))
+            for root in call.roots
+            if root.grad_fn is not None
+        ]
+        error: BaseException | None = None
+        try:
+            host.call("gradprobe_before_backward", trace=self.subject, call=call)
+            return func(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+            stack.pop()
+            for tid in [tid for tid, r in self._by_task.items() if r is record]:
+                del self._by_task[tid]
+            with _no_torch_function():
+                self.ledger.flush()  # also when the backward raised (its callbacks never ran)
+            host.call("gradprobe_after_backward", trace=self.subject, record=record, error=error)
+
+    def _label(self, tensor: torch.Tensor, frame: Any) -> str:
+        state = self.by_id.get(id(tensor))
+        if state is not None and state.leaf.tensor is tensor:
+            return state.leaf.name
+        return self.given_name(tensor) or name_in_frame(frame, tensor) or tensor_label(tensor, next(self.serial))
+
+    def _bind(self, record: BackwardRecord) -> None:
+        self._by_task[torch._C._current_graph_task_id()] = record
+
+    def record_for_task(self) -> BackwardRecord:
+        """The record of the backward call the running hook belongs to (made on first sight if unseen)."""
+        task = torch._C._current_graph_task_id()
+        record = self._by_task.get(task)
+        if record is not None:
+            return record
+        with self.ledger.lock:
+            record = self._by_task.get(task)
+            if record is None:
+                record = self._nested_record() or self._unseen_record()
+                self._by_task[task] = record
+        return record
+
+    def _nested_record(self) -> BackwardRecord | None:
+        own = self._active.get(threading.get_ident())
+        if own:
+            return own[-1]
+        running = [stack[-1] for stack in self._active.values() if stack]
+        if running and user_frame(2) is None:  # an engine device thread working for a traced call
+            return running[-1]
+        return None
+
+    def _unseen_record(self) -> BackwardRecord:
+        site = user_site(2)
+        source = site.source if site else ""
+        kind: Literal["backward", "grad"] = "grad" if "grad(" in source and ".backward(" not in source else "backward"
+        name = expression_at(site, "method" if ".backward(" in source else "function")
+        name = name or f"{kind}#{len(self.ledger.records)}"
+        return self.ledger.add_record(
+            name=name, site=site, retain_graph=False, kind=kind, thread=thread_name(), seen=False
+        )
+
+
+class _LeafHooks:
+    """The two hooks of one tracked leaf.
+
+    # NOTE [hot path]
+    # These run once per leaf per backward: keep them to a few dict lookups. One small object per
+    # leaf (rather than two closures and their cells) also keeps the objects the garbage collector
+    # tracks per leaf down, and full collections were a large part of the cost on wide models.
+    # The interceptor is still on the mode stack inside hooks: every tensor attribute or method used
+    # here would go through it, so hooks turn torch-function dispatch off.
+    """
+
+    __slots__ = ("recorder", "state")
+
+    def __init__(self, recorder: Recorder, state: LeafState) -> None:
+        self.recorder = recorder
+        self.state = state
+
+    def on_grad(self, grad: torch.Tensor | None) -> None:
+        recorder = self.recorder
+        if recorder.muted or grad is None:  # None: an undefined gradient (torch.autograd.gradcheck sends one)
+            return
+        with _no_torch_function():
+            task = _current_task()
+            record = recorder._by_task.get(task)
+            if record is None:
+                record = recorder.record_for_task()
+            if record.index in recorder._quiet_records:
+                return
+            state = self.state
+            recorder.ledger.on_part(state, record, grad)
+            if state.deferred is not None and task not in recorder._flushing:
+                recorder._flushing.add(task)
+                _queue_callback(lambda: recorder.flush_task(task))
+
+    def on_accumulated(self, param: torch.Tensor) -> None:
+        if not self.recorder.muted:
+            with _no_torch_function():
+                self.recorder.ledger.on_accumulated(self.state, param.grad)
+
+
+class _ModeHandle:
+    """Lets the interceptor mode be removed like any other hook handle."""
+
+    def __init__(self, mode: Interceptor) -> None:
+        self._mode: Interceptor | None = mode
+
+    def remove(self) -> None:
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
