@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from gradprobe.analysis.breakdown import CarriedIn, LeafBreakdown, Part
     from gradprobe.capture.calls import BackwardCall
-    from gradprobe.ledger.ledger import BackwardRecord, Leaf
+    from gradprobe.ledger.records import BackwardRecord, Leaf
     from gradprobe.capture.host import refresh_plugins
     from gradprobe.findings import Site
     from gradprobe.analysis.split import LeafSplit, ModuleSplit, Split
@@ -29,12 +29,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "BackwardCall": "gradprobe.capture.calls",
-    "BackwardRecord": "gradprobe.ledger.ledger",
+    "BackwardRecord": "gradprobe.ledger.records",
     "CarriedIn": "gradprobe.analysis.breakdown",
     "Finding": "gradprobe.findings",
     "GradProbeError": "gradprobe.exceptions",
     "GradProbeWarning": "gradprobe.exceptions",
-    "Leaf": "gradprobe.ledger.ledger",
+    "Leaf": "gradprobe.ledger.records",
     "LeafBreakdown": "gradprobe.analysis.breakdown",
     "LeafSplit": "gradprobe.analysis.split",
     "ModuleSplit": "gradprobe.analysis.split",

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from gradprobe.analysis.breakdown import FinalGrad, LeafBreakdown, compute_breakdown, snapshot_final
+from gradprobe.analysis.breakdown import LeafBreakdown, compute_breakdown
+from gradprobe.analysis.finals import FinalGrad, snapshot_final
 from gradprobe.analysis.decompose_plugin import parse_decompose
 from gradprobe.api.assertions import TraceAssertions
 from gradprobe.capture.host import PluginHost

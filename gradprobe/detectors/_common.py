@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradprobe.analysis.breakdown import read_floats
+from gradprobe.ledger.stats import read_floats
 from gradprobe.capture.sites import Site
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe.ledger.ledger import _norms
+from gradprobe.ledger.stats import norms
 from gradprobe.capture.sites import frame_locals, user_frame
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
@@ -150,7 +150,7 @@ class DdpPlugin:
                 return
             with torch.no_grad():
                 g = p.grad.detach()
-                self._local[id(state)] = (self._current, _norms(g)[0], g.clone() if keep else None)
+                self._local[id(state)] = (self._current, norms(g)[0], g.clone() if keep else None)
 
         self._handles.append(param.register_post_accumulate_grad_hook(on_local))
         self._hooked.add(id(state))

@@ -25,10 +25,6 @@
 # local `.grad` it captured, `.grad` itself is the average, and the next part opens a new epoch that
 # carries the average in (reason "allreduce"). Identity is by storage (data_ptr), since a bucket
 # view's Python object does not survive, and its version counter is shared by the whole bucket.
-# NOTE [foreach dtype]
-# `torch._foreach_norm(..., dtype=torch.float32)` on float32 tensors takes a slow path (3.4x slower
-# on 1,000 small CPU tensors, torch 2.13): pass `dtype` only when it upcasts (half, bfloat16).
-
 # NOTE [deferred stats]
 # Most parts open an epoch: `.grad` was None before the backward, so AccumulateGrad stores the part
 # itself (or a same-valued copy) as `.grad`. For those, in keep="stats" mode, the tensor hook only
@@ -45,192 +41,14 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
-if TYPE_CHECKING:
-    from gradprobe.capture.sites import Site
+from gradprobe.ledger.records import BackwardRecord, EpochStart, Leaf, PartStats, Reduced
+from gradprobe.ledger.stats import dot, foreach_norms, norms
 
 __all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats", "Reduced"]
-
-Kind = Literal["backward", "grad"]
-
-
-@dataclass(frozen=True)
-class BackwardRecord:
-    """One backward call seen by a trace.
-
-    Attributes:
-        index: position in ``trace.records``.
-        name: what the user calls the loss: ``t.name(...)``, the expression on the call line
-            (``loss_cls``, ``l1 + l2``), or ``backward#N``.
-        site: ``(filename, lineno)`` of the call, None when unknown (a backward run on a thread
-            gradprobe could not see).
-        retain_graph: the effective value (``None`` means ``create_graph``).
-        kind: ``"backward"`` accumulates into ``.grad``; ``"grad"`` (``torch.autograd.grad``) does not.
-        create_graph: whether the call built a graph of the gradient.
-        inputs: names of the tensors given as ``inputs=`` (None when not given).
-        thread: name of the thread the call was made on.
-        seen: False for a backward gradprobe learnt of from its hooks only (started on another thread).
-    """
-
-    index: int
-    name: str
-    site: Site | None
-    retain_graph: bool
-    kind: Kind
-    create_graph: bool = False
-    inputs: tuple[str, ...] | None = None
-    thread: str = "MainThread"
-    seen: bool = True
-
-    @property
-    def accumulates(self) -> bool:
-        return self.kind == "backward"
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "index": self.index,
-            "name": self.name,
-            "site": list(self.site) if self.site else None,
-            "retain_graph": self.retain_graph,
-            "kind": self.kind,
-            "create_graph": self.create_graph,
-            "inputs": list(self.inputs) if self.inputs is not None else None,
-            "thread": self.thread,
-            "seen": self.seen,
-        }
-
-
-@dataclass(frozen=True, eq=False)
-class Leaf:
-    """A leaf tensor recorded by a trace (a parameter, or any tensor that requires grad)."""
-
-    index: int
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-    module: str | None = None
-    ref: weakref.ReferenceType[torch.Tensor] | None = field(default=None, repr=False)
-
-    @property
-    def tensor(self) -> torch.Tensor | None:
-        """The live tensor, or None once it was garbage collected."""
-        return self.ref() if self.ref is not None else None
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for size in self.shape:
-            n *= size
-        return n
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "index": self.index,
-            "name": self.name,
-            "shape": list(self.shape),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "module": self.module,
-        }
-
-
-@dataclass(eq=False)
-class PartStats:
-    """Device-side statistics of one part (not read back until asked)."""
-
-    record: int
-    epoch: int
-    norm: torch.Tensor | None  # None only while deferred (see NOTE [deferred stats])
-    absmax: torch.Tensor | None
-    dot_before: torch.Tensor | None  # <part, .grad before it>, None when .grad was None
-    tensor: torch.Tensor | None = None  # keep="tensors" only
-    accumulated: bool = False
-    from_grad: bool = False  # stats were taken from the `.grad` AccumulateGrad stored (deferred)
-
-
-@dataclass(eq=False)
-class Reduced:
-    """An all-reduce replaced `.grad` after the parts of ``epoch`` (see NOTE [all-reduced .grad])."""
-
-    epoch: int
-    record: int
-    world: int
-    local_norm: torch.Tensor  # norm of the local .grad before the all-reduce
-    local: torch.Tensor | None  # keep="tensors": a copy of it
-    ptr: int  # storage of the averaged .grad
-    version: int | None  # its _version, None when a shared bucket counter makes versions meaningless
-
-    def holds(self, grad: torch.Tensor | None) -> bool:
-        """Whether ``grad`` is still the averaged .grad the all-reduce left."""
-        return (
-            grad is not None
-            and grad.data_ptr() == self.ptr
-            and (self.version is None or grad._version == self.version)
-        )
-
-
-@dataclass(eq=False)
-class EpochStart:
-    """What `.grad` held when an epoch began."""
-
-    epoch: int
-    record: int  # the record whose part opened the epoch
-    norm: torch.Tensor | None  # norm of the carried-in .grad (None: .grad was None)
-    tensor: torch.Tensor | None  # keep="tensors": a copy of the carried-in .grad
-    reason: Literal["start", "trace_start", "reset", "modified", "allreduce"]
-
-
-_ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
-_INF = float("inf")
-_vector_norm = torch.linalg.vector_norm
-
-
-def _norms(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2-norm, abs-max) accumulated in float32 (float64 for float64); callers run it without grad."""
-    acc = _ACC.get(g.dtype)
-    if acc is None or g.layout != torch.strided:  # the common float32/float64 dense case skips all this
-        if g.is_sparse:
-            g = g.coalesce().values()
-        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-        if g.is_complex():
-            g = g.abs()
-    return _vector_norm(g, dtype=acc), _absmax(g, acc)
-
-
-# NOTE [abs-max on the CPU]
-# On the CPU, vector_norm(ord=inf) runs ~25x slower than the 2-norm (no vectorized kernel: 2.8 ms
-# per million floats against 0.11 ms). max|x| = max(max x, -min x) exactly (negation and max never
-# round, NaN propagates), and aminmax is vectorized: large CPU tensors take that path. Small ones keep
-# the single inf-norm call (fewer dispatches); both give the same bits.
-_AMINMAX_FROM = 2048
-
-
-def _absmax(g: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    if g.numel() >= _AMINMAX_FROM and g.device.type == "cpu" and not g.is_complex():
-        lo, hi = torch.aminmax(g)
-        return torch.maximum(hi, lo.neg()).to(acc)
-    return _vector_norm(g, ord=_INF, dtype=acc)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    acc = _ACC.get(a.dtype)
-    if acc is not None and b.dtype == a.dtype and a.layout == torch.strided and b.layout == torch.strided:
-        return torch.dot(a.reshape(-1), b.reshape(-1))
-    if a.is_sparse or b.is_sparse:
-        a, b = a.to_dense(), b.to_dense()
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a = a.reshape(-1)
-    b = b.reshape(-1)
-    if a.dtype != acc:
-        a, b = a.to(acc), b.to(acc)
-    if a.is_complex():
-        return torch.vdot(a, b).real
-    return torch.dot(a, b)
 
 
 def _deferrable(tensor: torch.Tensor | None, grad: torch.Tensor) -> bool:
@@ -327,14 +145,14 @@ class Ledger:
         if enabled:
             torch._C._set_grad_enabled(False)
         try:
-            norm, absmax = _norms(grad)
+            norm, absmax = norms(grad)
             dot_before = None
             if record.accumulates:
                 if before is not None and before.shape != grad.shape:
                     before = None
                 self._maybe_new_epoch(state, record, before)
                 if before is not None:
-                    dot_before = _dot(grad, before)
+                    dot_before = dot(grad, before)
             kept = grad.clone() if self.keep == "tensors" else None
         finally:
             if enabled:
@@ -372,16 +190,8 @@ class Ledger:
         self.pending.extend(waiting)
         with torch.no_grad():
             for (_, dtype), (parts, grads) in groups.items():
-                acc = torch.float64 if dtype == torch.float64 else torch.float32
-                upcast = acc if dtype != acc else None  # NOTE [foreach dtype]
-                norms = torch._foreach_norm(grads, 2, dtype=upcast)
-                small = [i for i, g in enumerate(grads) if g.device.type != "cpu" or g.numel() < _AMINMAX_FROM]
-                absmaxes: list[torch.Tensor | None] = [None] * len(grads)
-                if small:  # one fused call (NOTE [abs-max on the CPU] for the large CPU ones)
-                    for i, absmax in zip(small, torch._foreach_norm([grads[i] for i in small], _INF, dtype=upcast)):
-                        absmaxes[i] = absmax
-                for part, grad, norm, absmax in zip(parts, grads, norms, absmaxes):
-                    part.norm, part.absmax = norm, (absmax if absmax is not None else _absmax(grad, acc))
+                for part, (norm, top) in zip(parts, foreach_norms(grads, dtype)):
+                    part.norm, part.absmax = norm, top
         self.version += 1
 
     def _settle(self, state: LeafState) -> None:
@@ -392,7 +202,7 @@ class Ledger:
             if grad is None:
                 part.norm = part.absmax = torch.full((), float("nan"))
             else:
-                part.norm, part.absmax = _norms(grad)
+                part.norm, part.absmax = norms(grad)
 
     def on_accumulated(self, state: LeafState, grad: torch.Tensor | None) -> None:
         """Remember the `.grad` AccumulateGrad left (post-accumulate hook)."""
@@ -421,7 +231,7 @@ class Ledger:
         if reduced is not None and reduced.epoch == state.epoch:
             if reduced.holds(before):
                 assert before is not None
-                norm, _ = _norms(before.detach())
+                norm, _ = norms(before.detach())
                 kept = before.detach().clone() if self.keep == "tensors" else None
                 state.epochs.append(EpochStart(len(state.epochs), record.index, norm, kept, "allreduce"))
                 return
@@ -441,6 +251,6 @@ class Ledger:
             state.epochs.append(EpochStart(len(state.epochs), record.index, None, None, reason))  # type: ignore[arg-type]
             return
         reason = "trace_start" if not state.epochs else "modified"
-        norm, _ = _norms(before.detach())
+        norm, _ = norms(before.detach())
         kept = before.detach().clone() if self.keep == "tensors" else None
         state.epochs.append(EpochStart(len(state.epochs), record.index, norm, kept, reason))  # type: ignore[arg-type]
