@@ -49,7 +49,7 @@ def snapshot_final(ledger: Ledger) -> list[FinalGrad]:
                 batch.setdefault((grad.device, grad.dtype), []).append((final, grad))
         for (_, dtype), items in batch.items():
             acc = torch.float64 if dtype == torch.float64 else torch.float32
-            upcast = acc if dtype != acc else None  # NOTE [foreach dtype] in _ledger.py
+            upcast = acc if dtype != acc else None  # NOTE [foreach dtype] in ledger/stats.py
             norms = torch._foreach_norm([grad for _, grad in items], 2, dtype=upcast)
             for (final, _), norm in zip(items, norms):
                 final.norm = norm

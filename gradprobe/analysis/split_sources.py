@@ -3,7 +3,7 @@
 # NOTE [per-backward Gram]
 # With keep="tensors" every part is kept, so the Gram matrix of the parts in the final ``.grad`` is
 # exact. In keep="stats" mode a part's hook only saw <p_j, .grad before it> (see NOTE [shares] in
-# _breakdown.py): that is <p_1, p_2> when ``.grad`` is exactly two parts, and nothing pins down the
+# analysis/breakdown.py): that is <p_1, p_2> when ``.grad`` is exactly two parts, and nothing pins down the
 # pairwise dots of three or more, nor of a part with a ``.grad`` carried in from before. Those leaves
 # get no Gram matrix, and the split says so.
 """

@@ -5,7 +5,7 @@ frame from pytest tracebacks (``__tracebackhide__``), so a failing test points a
 
 # NOTE [share of a module]
 # A part's share of a leaf is its projection on the final gradient, s = <p, G> / <G, G> (see
-# NOTE [shares] in _breakdown.py). For a group of leaves (a module) the share is the projection on
+# NOTE [shares] in analysis/breakdown.py). For a group of leaves (a module) the share is the projection on
 # the concatenated gradient: sum_i s_i |G_i|^2 / sum_i |G_i|^2 -- big parameters weigh more, and the
 # shares of all backward calls still add up to 100%.
 """

@@ -22,6 +22,7 @@ from gradprobe.analysis.breakdown import LeafBreakdown, compute_breakdown
 from gradprobe.analysis.finals import FinalGrad, snapshot_final
 from gradprobe.analysis.decompose_plugin import parse_decompose
 from gradprobe.api.assertions import TraceAssertions
+from gradprobe.api.views import TraceViews
 from gradprobe.capture.host import PluginHost
 from gradprobe.capture.recorder import Recorder
 from gradprobe.capture.sites import user_frame
@@ -31,12 +32,10 @@ from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateErr
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from rich.console import Console, ConsoleOptions, RenderResult
+    from rich.console import Console
 
-    from gradprobe.analysis.split import Split
     from gradprobe.findings import Finding
     from gradprobe.ledger.ledger import BackwardRecord, Leaf, Ledger, LeafState
-    from gradprobe.report.distributed import MergedTrace
 
 __all__ = ["Trace", "trace"]
 
@@ -96,7 +95,7 @@ def trace(
     )
 
 
-class Trace(TraceAssertions):
+class Trace(TraceViews, TraceAssertions):
     """A gradient trace; use it as a context manager (see :func:`gradprobe.trace`)."""
 
     def __init__(
@@ -212,25 +211,6 @@ class Trace(TraceAssertions):
             self.name(loss, str(name))
         return losses
 
-    def splits(self) -> list[Split]:
-        """Per-loss splits: one per decomposed backward, then the final .grad split by backward call."""
-        return self._decomposer().splits(self)
-
-    def plot(self, path: str | None = None, split: int = -1) -> Any:
-        """Draw "gradient flow by loss" per module (needs ``pip install gradprobe[plot]``); returns the figure."""
-        from gradprobe.report.plot import plot_split
-
-        splits = self.splits()
-        if not splits:
-            raise ValueError("Trace.plot(): nothing to plot; use trace(..., decompose=True) or 2+ backward calls")
-        return plot_split(splits[split], path)
-
-    def _decomposer(self) -> Any:
-        plugin = self._plugins.pm.get_plugin("decompose")
-        if plugin is None:
-            raise RuntimeError("the 'decompose' plugin is disabled in this trace (trace(disable=['decompose']))")
-        return plugin
-
     def given_name(self, tensor: torch.Tensor) -> str | None:
         """The name given with :meth:`name`, if any."""
         return self._recorder.given_name(tensor)
@@ -248,46 +228,6 @@ class Trace(TraceAssertions):
         if done:
             self._cache = rows
         return rows
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything recorded, JSON-safe (non-finite numbers as strings)."""
-        from gradprobe import __version__
-
-        return {
-            "gradprobe": __version__,
-            "keep": self.keep,
-            "records": [r.to_dict() for r in self._ledger.records],
-            "leaves": [leaf.to_dict() for leaf in self.leaves],
-            "breakdown": [row.to_dict() for row in self.breakdown()],
-            "findings": [f.to_dict() for f in self._findings],
-        }
-
-    def gather(self, dst: int = 0, group: Any = None) -> MergedTrace | None:
-        """Merge all ranks' traces of a torch.distributed job on rank ``dst`` (a collective call).
-
-        Every rank must call it. Returns a :class:`~gradprobe.report.distributed.MergedTrace` on ``dst``
-        (``.report()`` prints per-rank part norms, their spread, and whether the all-reduced ``.grad``
-        agrees), None on the other ranks. Only small statistics travel (``gather_object``).
-        """
-        from gradprobe.report.distributed import gather_trace
-
-        return gather_trace(self, dst, group)
-
-    def report(self, console: Console | None = None) -> None:
-        """Print the report (calls, gradient breakdown, findings) to ``console`` (default: rich's)."""
-        import rich
-
-        (console or self._console or rich.get_console()).print(self)
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        for sections in self._plugins.call("gradprobe_report_sections", trace=self):
-            yield from sections
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
-        """Jupyter displays a trace as its rich report."""
-        from gradprobe.report.export import mimebundle
-
-        return mimebundle(self, include, exclude)
 
     def emit(self, finding: Finding) -> None:
         """Add a finding and apply ``on_finding`` (this raises :class:`GradProbeError` under "raise")."""

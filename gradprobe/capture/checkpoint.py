@@ -10,7 +10,7 @@
 # (`use_reentrant=False` records ordinary edges to the parameters and needs none of this.)
 # Parts are not affected either way: hooks of the nested backward carry a graph-task id nobody
 # bound, and belong to the traced call running on that thread (NOTE [which backward a hook
-# belongs to] in _trace.py), so a recomputation never adds a record or a second part.
+# belongs to] in recorder.py), so a recomputation never adds a record or a second part.
 """
 
 from __future__ import annotations

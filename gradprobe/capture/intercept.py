@@ -128,7 +128,7 @@ class Interceptor(TorchFunctionMode):
         if handler is not None:
             return handler(func, args, kwargs)
         if (self.watch_grad_reads or self.watch_writes) and _is_compiling():
-            pass  # Dynamo is tracing a compiled region: see NOTE [torch.compile] in _transforms.py
+            pass  # Dynamo is tracing a compiled region: see NOTE [torch.compile] in transforms.py
         elif self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
             self._call("gradprobe_grad_read", tensor=args[0], site=user_site())
         elif self.watch_writes:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import torch
 
 from gradprobe.capture.calls import describe_call
+from gradprobe.capture.hooks import LeafHooks, ModeHandle
 from gradprobe.capture.intercept import Interceptor
 from gradprobe.capture.sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
 from gradprobe.capture.targets import LeafNamer, leaves_of_graph, tensor_label
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Recorder"]
 
-_current_task = torch._C._current_graph_task_id
-_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 _no_torch_function = torch._C.DisableTorchFunction
 
 State = Literal["new", "active", "done"]
@@ -114,7 +113,7 @@ class Recorder:
             self.mode.watch_grad_reads = self.host.implemented("gradprobe_grad_read")
             self.mode.watch_writes = self.host.implemented("gradprobe_inplace_write")
             self.mode.__enter__()
-            self._handles.append(_ModeHandle(self.mode))
+            self._handles.append(ModeHandle(self.mode))
         except BaseException:
             self.remove()
             raise
@@ -153,7 +152,7 @@ class Recorder:
         return state
 
     def _hook(self, tensor: torch.Tensor, state: LeafState) -> None:
-        hooks = _LeafHooks(self, state)
+        hooks = LeafHooks(self, state)
         self._handles.append(tensor.register_hook(hooks.on_grad))
         self._handles.append(tensor.register_post_accumulate_grad_hook(hooks.on_accumulated))
 
@@ -277,55 +276,3 @@ class Recorder:
         return self.ledger.add_record(
             name=name, site=site, retain_graph=False, kind=kind, thread=thread_name(), seen=False
         )
-
-
-class _LeafHooks:
-    """The two hooks of one tracked leaf.
-
-    # NOTE [hot path]
-    # These run once per leaf per backward: keep them to a few dict lookups. One small object per
-    # leaf (rather than two closures and their cells) also keeps the objects the garbage collector
-    # tracks per leaf down, and full collections were a large part of the cost on wide models.
-    # The interceptor is still on the mode stack inside hooks: every tensor attribute or method used
-    # here would go through it, so hooks turn torch-function dispatch off.
-    """
-
-    __slots__ = ("recorder", "state")
-
-    def __init__(self, recorder: Recorder, state: LeafState) -> None:
-        self.recorder = recorder
-        self.state = state
-
-    def on_grad(self, grad: torch.Tensor | None) -> None:
-        recorder = self.recorder
-        if recorder.muted or grad is None:  # None: an undefined gradient (torch.autograd.gradcheck sends one)
-            return
-        with _no_torch_function():
-            task = _current_task()
-            record = recorder._by_task.get(task)
-            if record is None:
-                record = recorder.record_for_task()
-            if record.index in recorder._quiet_records:
-                return
-            state = self.state
-            recorder.ledger.on_part(state, record, grad)
-            if state.deferred is not None and task not in recorder._flushing:
-                recorder._flushing.add(task)
-                _queue_callback(lambda: recorder.flush_task(task))
-
-    def on_accumulated(self, param: torch.Tensor) -> None:
-        if not self.recorder.muted:
-            with _no_torch_function():
-                self.recorder.ledger.on_accumulated(self.state, param.grad)
-
-
-class _ModeHandle:
-    """Lets the interceptor mode be removed like any other hook handle."""
-
-    def __init__(self, mode: Interceptor) -> None:
-        self._mode: Interceptor | None = mode
-
-    def remove(self) -> None:
-        mode, self._mode = self._mode, None
-        if mode is not None:
-            mode.__exit__(None, None, None)

@@ -14,7 +14,7 @@
 # per op with the user's source line (in-place write and `.grad` read detectors): Dynamo would
 # break the graph at each frame walk. While Dynamo traces, the interceptor passes every op straight
 # on, and the trace says so once, at the first backward through a compiled graph (the graph holds a
-# `CompiledFunctionBackward` node). `Trace._run_backward` itself runs outside Dynamo
+# `CompiledFunctionBackward` node). `Recorder.run_backward` itself runs outside Dynamo
 # (`torch.compiler.disable`), so a backward inside a compiled function costs one graph break,
 # the one PyTorch makes anyway.
 """

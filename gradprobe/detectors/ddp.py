@@ -9,7 +9,7 @@
 # So after a synchronising backward, `.grad` is the average over ranks, not the sum of this rank's
 # parts. The plugin keeps the local `.grad`'s norm (and a copy, with keep="tensors") from its own
 # post-accumulate hook, and tells the ledger about the all-reduce (NOTE [all-reduced .grad] in
-# _ledger.py): the Σ check then compares the parts with the local `.grad`, exactly as before, and
+# ledger/ledger.py): the Σ check then compares the parts with the local `.grad`, exactly as before, and
 # the report says which number is which. Whether the all-reduce itself agreed across ranks is
 # checked by `Trace.gather()` (the averaged `.grad` must be identical on every rank).
 

@@ -1,0 +1,99 @@
+"""What a trace shows: the report, per-loss splits and plots, the JSON export, DDP gathering.
+
+Place in the flow: the api layer's door to the report layer. :class:`TraceViews` is a mixin of
+:class:`~gradprobe.Trace` (as :class:`~gradprobe.api.assertions.TraceAssertions` is); each view is a
+small function of the report or analysis layer that takes the trace, or a plugin reached through
+the trace's plugin host, so the capture core never imports them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderResult
+
+    from gradprobe.analysis.breakdown import LeafBreakdown
+    from gradprobe.analysis.split import Split
+    from gradprobe.capture.host import PluginHost
+    from gradprobe.findings import Finding
+    from gradprobe.ledger.ledger import Ledger
+    from gradprobe.ledger.records import Leaf
+    from gradprobe.report.distributed import MergedTrace
+
+__all__ = ["TraceViews"]
+
+
+class TraceViews:
+    """Report, splits, plots, export and DDP gathering of a :class:`~gradprobe.Trace`."""
+
+    if TYPE_CHECKING:  # provided by Trace
+        _plugins: PluginHost
+        _console: Console | None
+        _findings: list[Finding]
+        _ledger: Ledger
+        keep: str
+
+        @property
+        def leaves(self) -> tuple[Leaf, ...]: ...
+
+        def breakdown(self) -> list[LeafBreakdown]: ...
+
+    def splits(self) -> list[Split]:
+        """Per-loss splits: one per decomposed backward, then the final .grad split by backward call."""
+        return self._decomposer().splits(self)
+
+    def plot(self, path: str | None = None, split: int = -1) -> Any:
+        """Draw "gradient flow by loss" per module (needs ``pip install gradprobe[plot]``); returns the figure."""
+        from gradprobe.report.plot import plot_split
+
+        splits = self.splits()
+        if not splits:
+            raise ValueError("Trace.plot(): nothing to plot; use trace(..., decompose=True) or 2+ backward calls")
+        return plot_split(splits[split], path)
+
+    def _decomposer(self) -> Any:
+        plugin = self._plugins.pm.get_plugin("decompose")
+        if plugin is None:
+            raise RuntimeError("the 'decompose' plugin is disabled in this trace (trace(disable=['decompose']))")
+        return plugin
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything recorded, JSON-safe (non-finite numbers as strings)."""
+        from gradprobe import __version__
+
+        return {
+            "gradprobe": __version__,
+            "keep": self.keep,
+            "records": [r.to_dict() for r in self._ledger.records],
+            "leaves": [leaf.to_dict() for leaf in self.leaves],
+            "breakdown": [row.to_dict() for row in self.breakdown()],
+            "findings": [f.to_dict() for f in self._findings],
+        }
+
+    def gather(self, dst: int = 0, group: Any = None) -> MergedTrace | None:
+        """Merge all ranks' traces of a torch.distributed job on rank ``dst`` (a collective call).
+
+        Every rank must call it. Returns a :class:`~gradprobe.report.distributed.MergedTrace` on ``dst``
+        (``.report()`` prints per-rank part norms, their spread, and whether the all-reduced ``.grad``
+        agrees), None on the other ranks. Only small statistics travel (``gather_object``).
+        """
+        from gradprobe.report.distributed import gather_trace
+
+        return gather_trace(self, dst, group)
+
+    def report(self, console: Console | None = None) -> None:
+        """Print the report (calls, gradient breakdown, findings) to ``console`` (default: rich's)."""
+        import rich
+
+        (console or self._console or rich.get_console()).print(self)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for sections in self._plugins.call("gradprobe_report_sections", trace=self):
+            yield from sections
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """Jupyter displays a trace as its rich report."""
+        from gradprobe.report.export import mimebundle
+
+        return mimebundle(self, include, exclude)
