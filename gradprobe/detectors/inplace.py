@@ -121,7 +121,7 @@ class InplaceSaved:
             by = f"`{source}` ({fname}) at {site}" if source else f"`{fname}`" + (f" at {site}" if site else "")
             if site is not None:
                 related.append(RelatedSite(site.filename, site.lineno, f"`{fname}` wrote to it in place"))
-            fix = _fix(func, name or "x", optimizer, source)
+            fix = _fix(func, name, optimizer, source)
         else:
             fname, optimizer = None, False
             by = "a write gradprobe did not see (before the trace, on another thread, or in compiled code)"
@@ -213,10 +213,11 @@ def _call_text(call: BackwardCall) -> str:
     return f"`{call.name}.backward()`" if call.kind == "backward" else f"`autograd.grad({call.name}, ...)`"
 
 
-def _fix(func: Callable[..., Any], x: str, optimizer: bool, source: str = "") -> str:
-    """The right change for this kind of write, as valid Python (``x`` is the written tensor's name,
+def _fix(func: Callable[..., Any], known: str | None, optimizer: bool, source: str = "") -> str:
+    """The right change for this kind of write, as valid Python (``known`` is the written tensor's name,
     ``source`` the writing line: `z += 1` reaches the interceptor as `add_`)."""
     name = _func_name(func)
+    x = known or "x"
     clone = f"or `{x} = {x}.clone()` before the write"
     if optimizer:
         return (
@@ -252,9 +253,8 @@ def _fix(func: Callable[..., Any], x: str, optimizer: bool, source: str = "") ->
             return f"`{x} = {x}.{base}(...)` instead of `{x}.{name}(...)`{also}, {clone}"
         return f"`.clone()` the tensor before the write: `{x} = {x}.clone()`"
     if _has_inplace_flag(func):
-        return (
-            f"pass `inplace=False` to `{name}` (e.g. `nn.ReLU(inplace=False)` for `nn.ReLU(inplace=True)`), {clone}"
-        )
+        also = f", {clone}" if known else ""
+        return f"pass `inplace=False` to `{name}` (e.g. `nn.ReLU(inplace=False)` for `nn.ReLU(inplace=True)`){also}"
     if not name.startswith("_"):
         return f"let `{name}` return a new tensor instead of passing a saved tensor as `out=`, {clone}"
     return f"`.clone()` the tensor before the write: `{x} = {x}.clone()`"
