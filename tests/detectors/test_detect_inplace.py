@@ -22,10 +22,11 @@ def test_on_by_default() -> None:
     assert "inplace_saved" in gradprobe.trace().plugin_names
 
 
-def test_write_never_backwarded_through_is_fine() -> None:
+@pytest.mark.parametrize("detect", ["default", "all"])
+def test_write_never_backwarded_through_is_fine(detect: str) -> None:
     """`logged = h.pow(2); h.mul_(.5); h.sum().backward()` works in PyTorch: no finding, no error."""
     w = torch.rand(3, requires_grad=True)
-    with gradprobe.trace(w, on_finding="raise") as t:
+    with gradprobe.trace(w, on_finding="raise", detect=detect) as t:
         h = w * 2
         logged = h.pow(2)  # saves h, but nobody backwards it
         h.mul_(0.5)
@@ -140,12 +141,20 @@ def test_foreach_optimizer_step_on_saved_parameter() -> None:
     assert "optimizer.step()" in t.findings[0].fix
 
 
-def test_clean_multi_task_step_with_optimizer() -> None:
+@pytest.mark.parametrize("detect", ["default", "all"])
+def test_clean_multi_task_step_with_optimizer(detect: str) -> None:
     """`la.backward(retain_graph=True); lb.backward(); opt.step()` in a loop: nothing to say."""
     torch.manual_seed(0)
     body, ha, hb = nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 1), nn.Linear(8, 1)
     opt = torch.optim.Adam([*body.parameters(), *ha.parameters(), *hb.parameters()], lr=0.1)
-    with gradprobe.trace(body, ha, hb, on_finding="raise") as t:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradprobe.GradProbeWarning)
+        t = _multi_task(body, ha, hb, opt, detect)
+    assert codes(t) == []
+
+
+def _multi_task(body: nn.Module, ha: nn.Module, hb: nn.Module, opt: torch.optim.Optimizer, detect: str) -> gradprobe.Trace:
+    with gradprobe.trace(body, ha, hb, on_finding="raise", detect=detect) as t:
         for _ in range(3):
             f = body(torch.rand(3, 4))
             la, lb = ha(f).mean(), hb(f).pow(2).mean()
@@ -153,13 +162,14 @@ def test_clean_multi_task_step_with_optimizer() -> None:
             lb.backward()
             opt.step()
             opt.zero_grad()
-    assert codes(t) == []
+    return t
 
 
-def test_gradcheck_inside_a_trace() -> None:
+@pytest.mark.parametrize("detect", ["default", "all"])
+def test_gradcheck_inside_a_trace(detect: str) -> None:
     """gradcheck perturbs its inputs in place around graphs it never backwards: no finding, no error."""
     x = torch.rand(4, dtype=torch.double, requires_grad=True)
-    with gradprobe.trace(x, on_finding="raise") as t:
+    with gradprobe.trace(x, on_finding="raise", detect=detect) as t:
         assert torch.autograd.gradcheck(lambda a: (a.sin() * a).sum(), (x,))
         assert torch.autograd.gradgradcheck(lambda a: (a.sin() * a).sum(), (x,))
     assert codes(t) == []
@@ -167,21 +177,26 @@ def test_gradcheck_inside_a_trace() -> None:
 
 def _leaf_view_write() -> None:
     w = torch.rand(3, requires_grad=True)
+    y = (w * w).sum()  # saves w
     w[0].mul_(2)
+    y.backward()
 
 
 def _overlapping_write() -> None:
     a = torch.rand(1, requires_grad=True)
-    (a * 1).expand(3).add_(1)
+    s = a.exp()  # saves s
+    s.expand(3).add_(1)
+    s.sum().backward()
 
 
+@pytest.mark.parametrize("detect", ["default", "all"])
 @pytest.mark.parametrize("write", [_leaf_view_write, _overlapping_write])
-def test_pytorchs_immediate_errors_pass_untouched(write) -> None:  # type: ignore[no-untyped-def]
+def test_pytorchs_immediate_errors_pass_untouched(write, detect: str) -> None:  # type: ignore[no-untyped-def]
     """PyTorch's own errors at the write (leaf view, overlapping memory) come through, same type and text."""
     with pytest.raises(Exception) as plain:
         write()
     with pytest.raises(Exception) as traced:
-        with gradprobe.trace(on_finding="raise"):
+        with gradprobe.trace(on_finding="raise", detect=detect):
             write()
     assert type(traced.value) is type(plain.value) and str(traced.value) == str(plain.value)
 

@@ -12,6 +12,7 @@ from helpers import codes
 from torch import nn
 
 import gradprobe
+from gradprobe._graph import iter_nodes
 
 
 class Counting:
@@ -38,14 +39,24 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
-def _step(m: nn.Module, x: torch.Tensor, mutate: bool = False) -> None:
+def _step(m: nn.Module, x: torch.Tensor, mutate: bool = False) -> set[str]:
+    """One step; returns the names of the unpack hooks the forward's saved tensors got."""
     out = m(x)
+    hooks = set()
+    for node in iter_nodes([out.grad_fn]):
+        for name in dir(node):
+            if name.startswith("_raw_saved_"):
+                raw = getattr(node, name)
+                hook = getattr(raw, "unpack_hook", None)
+                if hook is not None:
+                    hooks.add(hook.__qualname__)
     if mutate:  # allowed under allow_mutation_on_saved_tensors
         h = m[1](m[0](x))
         loss = (h * h).sum()
         h.mul_(2)
         loss.backward()
     out.pow(2).sum().backward()
+    return hooks
 
 
 CONTEXTS: dict[str, Callable[[Counting], Any]] = {
@@ -55,9 +66,10 @@ CONTEXTS: dict[str, Callable[[Counting], Any]] = {
 }
 
 
+@pytest.mark.parametrize("detect", ["default", "all"])
 @pytest.mark.parametrize("name", list(CONTEXTS))
 @pytest.mark.parametrize("policy", ["raise", "record"])
-def test_user_hooks_opened_outside_the_trace(name: str, policy: str) -> None:
+def test_user_hooks_opened_outside_the_trace(name: str, policy: str, detect: str) -> None:
     """Gradients bitwise equal to untraced, the user's hooks called as often, no finding."""
     x = torch.rand(3, 4)
     mutate = name == "allow_mutation_on_saved_tensors"
@@ -65,11 +77,12 @@ def test_user_hooks_opened_outside_the_trace(name: str, policy: str) -> None:
     for traced in (False, True):
         m, counter = _model(), Counting()
         with CONTEXTS[name](counter):
-            cm = gradprobe.trace(m, on_finding=policy) if traced else contextlib.nullcontext()
+            cm = gradprobe.trace(m, on_finding=policy, detect=detect) if traced else contextlib.nullcontext()
             with cm as t:
-                _step(m, x, mutate)
-        runs.append(([p.grad.clone() for p in m.parameters()], counter.packs, counter.unpacks, t))
-    (plain, packs, unpacks, _), (grads, tpacks, tunpacks, t) = runs
+                hooks = _step(m, x, mutate)
+        runs.append(([p.grad.clone() for p in m.parameters()], counter.packs, counter.unpacks, t, hooks))
+    (plain, packs, unpacks, _, hooks), (grads, tpacks, tunpacks, t, thooks) = runs
+    assert hooks and thooks == hooks  # the user's hooks, not gradprobe's, hold the saved tensors
     assert all(torch.equal(a, b) for a, b in zip(plain, grads))
     assert (tpacks, tunpacks) == (packs, unpacks)
     if name == "saved_tensors_hooks":
@@ -77,14 +90,15 @@ def test_user_hooks_opened_outside_the_trace(name: str, policy: str) -> None:
     assert codes(t) == []
 
 
+@pytest.mark.parametrize("detect", ["default", "all"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpoint_outside_and_inside_the_trace(reentrant: bool) -> None:
+def test_checkpoint_outside_and_inside_the_trace(reentrant: bool, detect: str) -> None:
     """torch.utils.checkpoint: same gradients traced and untraced, no finding."""
     x = torch.rand(3, 4, requires_grad=True)
     results = []
     for traced in (False, True):
         m = _model()
-        cm = gradprobe.trace(m, on_finding="raise") if traced else contextlib.nullcontext()
+        cm = gradprobe.trace(m, on_finding="raise", detect=detect) if traced else contextlib.nullcontext()
         with cm as t:
             h = torch.utils.checkpoint.checkpoint(m[:4], x, use_reentrant=reentrant)
             m[4](h).pow(2).sum().backward()
@@ -94,14 +108,15 @@ def test_checkpoint_outside_and_inside_the_trace(reentrant: bool) -> None:
     assert codes(t) == []
 
 
-def test_user_hooks_see_the_same_tensors_with_an_inplace_error() -> None:
+@pytest.mark.parametrize("detect", ["default", "all"])
+def test_user_hooks_see_the_same_tensors_with_an_inplace_error(detect: str) -> None:
     """A real in-place mistake under the user's hooks: the user's unpack hook decides, as untraced."""
     w = torch.rand(3, requires_grad=True)
     outcomes = []
     for traced in (False, True):
         counter = Counting()
         with counter.hooks():
-            cm = gradprobe.trace(w, on_finding="raise") if traced else contextlib.nullcontext()
+            cm = gradprobe.trace(w, on_finding="raise", detect=detect) if traced else contextlib.nullcontext()
             with cm:
                 z = w.exp()
                 z += 1  # the user's pack hook saved a clone: PyTorch sees nothing wrong
@@ -111,7 +126,8 @@ def test_user_hooks_see_the_same_tensors_with_an_inplace_error() -> None:
     assert torch.equal(outcomes[0][0], outcomes[1][0]) and outcomes[0][1:] == outcomes[1][1:]
 
 
-def test_trace_opened_inside_a_checkpointed_function() -> None:
+@pytest.mark.parametrize("detect", ["default", "all"])
+def test_trace_opened_inside_a_checkpointed_function(detect: str) -> None:
     """Checkpoint's own saved-tensor hooks are opened outside a trace entered inside the function: untouched."""
     x = torch.rand(3, 4, requires_grad=True)
     grads = []
@@ -119,7 +135,7 @@ def test_trace_opened_inside_a_checkpointed_function() -> None:
         m = _model()
 
         def body(inp: torch.Tensor, m: nn.Module = m, traced: bool = traced) -> torch.Tensor:
-            cm = gradprobe.trace(m, on_finding="raise") if traced else contextlib.nullcontext()
+            cm = gradprobe.trace(m, on_finding="raise", detect=detect) if traced else contextlib.nullcontext()
             with cm:
                 return m[:4](inp)
 
