@@ -3,7 +3,8 @@
 # NOTE [predicting "backward through the graph a second time"]
 # Before every traced backward the detector lists the nodes the engine will run (pruned to paths
 # that reach `inputs=` / the inputs of autograd.grad) and asks each whether it holds, released, or
-# never had saved tensors (gradprobe._graph.saved_state). A released one means PyTorch will raise:
+# never had saved tensors (gradprobe._graph.walk: one walk per backward, shared with inplace_saved,
+# which reads the stale nodes from it). A released one means PyTorch will raise:
 # GP101 is emitted before the call runs, so `on_finding="raise"` turns it into GradProbeError at the
 # user's line. At a backward without retain_graph, the nodes it will release are intersected with the
 # graphs of other live losses that have not been backwarded (tensors bound in the caller's frame, or
