@@ -5,7 +5,8 @@
 1. `d.backward(); e.backward()` on one graph: gradprobe warns at `d.backward()` that `e.backward()`
    will fail, then predicts the failure at `e.backward()` naming the line that freed the graph.
 2. `b.grad` on a non-leaf: None, flagged with the fix (`b.retain_grad()` or read `a.grad`).
-3. `ReLU(inplace=True)` after `Sigmoid` overwrites the tensor sigmoid saved: flagged at the write.
+3. `ReLU(inplace=True)` after `Sigmoid` overwrites the tensor sigmoid saved: the backward's failure is
+   predicted at the backward, naming the line that wrote in place.
 4. A loss rebuilt from `.item()` with `requires_grad = True`: its backward reaches no parameter.
 
 `on_finding="record"` collects the findings without raising, and the report prints them.

@@ -69,8 +69,8 @@ def test_builtins_are_registered_through_the_manager() -> None:
     t = gradprobe.trace(MLP(), detect="all")
     assert set(_plugins.BUILTIN_PLUGINS) <= set(t.plugin_names)
     default = set(gradprobe.trace(MLP()).plugin_names)
-    assert {"report.calls", "report.breakdown", "report.findings", "freed_graph"} <= default
-    assert "inplace_saved" not in default  # opt-in: trace(detect="all")
+    assert {"report.calls", "report.breakdown", "report.findings", "freed_graph", "inplace_saved"} <= default
+    assert "nonfinite_modules" not in default  # opt-in: trace(detect="all")
 
 
 def test_hooks_run_builtins_then_installed_then_explicit_in_order(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,11 +5,19 @@
 # later backward through such a node raises "Trying to backward through the graph a second time".
 # Only nodes that held a *defined* saved tensor count: AddBackward0 or SumBackward0 save none, and
 # `x * 2.0` saves only the wrapped scalar `other`, never `self`. Per node type we cache the names of
-# its saved-tensor slots (`_saved_<x>` with a `_raw_saved_<x>` twin). The raw slot never raises and
-# never runs an unpack hook; its `.data` is None both for a freed slot and for a slot that saved an
-# undefined tensor, so only then is `_saved_<x>` read, which raises exactly when the slot was freed
-# (and runs no unpack hook: a freed slot has none left, and `unpack_hook` is checked first).
-# Custom autograd.Function nodes expose `_raw_saved_tensors`, which itself raises once freed.
+# its saved-tensor slots (`_saved_<x>` with a `_raw_saved_<x>` twin). A slot is asked once: first
+# its raw twin, which never runs an unpack hook; a slot whose raw item has an unpack hook (the
+# user's saved_tensors_hooks, save_on_cpu, checkpoint, allow_mutation_on_saved_tensors) counts as
+# live and is left to that hook. Otherwise `_saved_<x>` is read, which is PyTorch's own check: it
+# returns None for an undefined tensor, the tensor when live, and raises "... a second time" when
+# freed or "... modified by an inplace operation ... is at version N; expected version M" when the
+# tensor was written in place since it was saved ("stale"): the backward would raise the same.
+# Custom autograd.Function nodes expose `_raw_saved_tensors` (which itself raises once freed) and
+# `saved_tensors`. List-valued slots (`IndexBackward0._raw_saved_indices`) also raise through
+# `_raw_` once freed. Any other error, on any read, makes the slot "unknown" and it is skipped:
+# a walk never raises. `CopySlices` (an in-place op through a view, `h[0].mul_(3)`) does not expose
+# the node it wraps (not in `next_functions`, no attribute): its saved tensors are invisible, so
+# neither a freed nor a stale one is predicted there (PyTorch still raises its own error).
 
 # NOTE [which nodes a backward runs]
 # `backward()` without `inputs` runs every node reachable from the roots. With `inputs=` (and for
@@ -20,15 +28,64 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-__all__ = ["SavedState", "iter_nodes", "nodes_to_run", "saved_slots", "saved_state"]
+if TYPE_CHECKING:
+    from gradprobe.capture.calls import BackwardCall
 
-SavedState = Literal["none", "live", "freed"]
+__all__ = ["SavedState", "Stale", "Walk", "iter_nodes", "nodes_to_run", "saved_slots", "saved_state", "walk"]
+
+SavedState = Literal["none", "live", "freed", "stale"]
 
 _SLOTS: dict[type, tuple[str, ...]] = {}
 _CUSTOM = ("<custom>",)
+_FREED = "backward through the graph a second time"
+_STALE = "modified by an inplace operation"
+
+
+class Stale(NamedTuple):
+    """A saved tensor written in place since it was saved: PyTorch's message and the raw slot."""
+
+    node: Any
+    slot: str  # "self", "result", ... ("tensors" for a custom Function)
+    message: str
+    items: tuple[Any, ...]  # the raw SavedTensors (``.data`` shares storage and version with the tensor)
+
+
+class Walk:
+    """The nodes a backward will run, classified once (see NOTE [saved tensors and freed nodes])."""
+
+    __slots__ = ("nodes", "live", "freed", "stale", "__weakref__")
+
+    def __init__(self, nodes: list[Any]) -> None:
+        self.nodes = nodes
+        self.live: list[Any] = []
+        self.freed: list[Any] = []
+        self.stale: list[Stale] = []
+        for node in nodes:
+            state, stale = _inspect(node)
+            if state == "live":
+                self.live.append(node)
+            elif state == "freed":
+                self.freed.append(node)
+            elif stale is not None:
+                self.stale.append(stale)
+
+
+# BackwardCall -> its Walk: every detector asks in gradprobe_before_backward, one walk is done
+_WALKS: weakref.WeakKeyDictionary[Any, Walk] = weakref.WeakKeyDictionary()
+
+
+def walk(call: BackwardCall) -> Walk:
+    """The classified nodes ``call`` will run, walked once per call and shared by the detectors."""
+    found = _WALKS.get(call)
+    if found is None:
+        roots = [r.grad_fn for r in call.roots if r.grad_fn is not None]
+        found = Walk(nodes_to_run(roots, call.inputs, accumulate=call.kind == "backward") if roots else [])
+        _WALKS[call] = found
+    return found
 
 
 def iter_nodes(roots: Iterable[Any]) -> Iterator[Any]:
@@ -67,36 +124,56 @@ def saved_slots(node: Any) -> tuple[str, ...]:
 
 
 def saved_state(node: Any) -> SavedState:
-    """``"live"``: holds a saved tensor; ``"freed"``: held one and released it; ``"none"``: holds none.
+    """``"live"``: holds a saved tensor; ``"freed"``: held one and released it; ``"stale"``: holds one
+    written in place since it was saved; ``"none"``: holds none (or none gradprobe can read).
 
-    Never runs a saved-tensor unpack hook (see NOTE [saved tensors and freed nodes]).
+    Never runs a saved-tensor unpack hook and never raises (see NOTE [saved tensors and freed nodes]).
     """
+    return _inspect(node)[0]
+
+
+def _inspect(node: Any) -> tuple[SavedState, Stale | None]:
     slots = _SLOTS.get(type(node))
     if slots is None:
         slots = saved_slots(node)
     if not slots:
-        return "none"
+        return "none", None
     if slots is _CUSTOM:
-        try:
-            raw = node._raw_saved_tensors
-        except RuntimeError:
-            return "freed"
-        return "live" if raw else "none"
-    undefined = []
+        return _slot(node, "tensors", "_raw_saved_tensors", "saved_tensors")
+    state: SavedState = "none"
     for name in slots:
-        raw = getattr(node, "_raw_saved_" + name)
-        items = raw if isinstance(raw, (list, tuple)) else (raw,)
+        found, stale = _slot(node, name, "_raw_saved_" + name, "_saved_" + name)
+        if found == "stale" or found == "freed":
+            return found, stale
+        if found == "live":
+            state = "live"
+    return state, None
+
+
+def _slot(node: Any, name: str, raw_attr: str, attr: str) -> tuple[SavedState, Stale | None]:
+    """One slot's state; errors other than PyTorch's two known ones make it "none" (unknown)."""
+    items: tuple[Any, ...] = ()
+    try:
+        raw = getattr(node, raw_attr)
+        items = tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
+        if not items:
+            return "none", None
         for item in items:
-            if item.data is not None or item.unpack_hook is not None:
-                return "live"
-        if items:
-            undefined.append(name)
-    for name in undefined:
-        try:
-            getattr(node, "_saved_" + name)
-        except RuntimeError:
-            return "freed"
-    return "none"
+            if item is not None and item.unpack_hook is not None:
+                return "live", None  # a saved-tensor hook's business (and reading would run it)
+        value = getattr(node, attr)
+    except RuntimeError as exc:
+        text = str(exc)
+        if _FREED in text:
+            return "freed", None
+        if _STALE in text:
+            return "stale", Stale(node, name, text, tuple(i for i in items if i is not None))
+        return "none", None
+    except Exception:  # an extension node, a slot type gradprobe does not know: skip, never raise
+        return "none", None
+    if isinstance(value, (list, tuple)):
+        return ("live" if any(v is not None for v in value) else "none"), None
+    return ("none" if value is None else "live"), None
 
 
 def nodes_to_run(

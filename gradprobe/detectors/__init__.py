@@ -13,17 +13,18 @@ GP101   freed_graph            error     yes      this backward will raise "back
                                                   time": its graph holds a node an earlier backward freed
 GP102   freed_graph            warning   yes      this backward frees saved tensors another live, not yet
                                                   backwarded loss still needs: that loss's backward will raise
+                                                  (downgraded to info at the end of the trace, "predicted, did
+                                                  not happen", when that backward never ran)
 GP201   nonleaf_grad           warning   yes      ``.grad`` read on a non-leaf that does not retain grad (None)
 GP202   nonleaf_grad           warning   yes      ahead of time: code after this backward reads ``.grad`` of such
                                                   a non-leaf
 GP203   nonleaf_grad           warning   yes      ``.grad`` is None although the tensor retains grad:
                                                   ``retain_grad()`` came after the backward (PyTorch is silent)
-GP301   inplace_saved          error     no       an in-place write to a tensor saved for backward (warning
-                                                  when an optimizer step updates a saved parameter)
-GP302   inplace_saved          error     no       the backward unpacked a saved tensor that was modified in place
-                                                  (the version check gradprobe's saved-tensor hooks redo)
-GP303   inplace_saved          warning   no       a write through ``.data`` to a saved tensor: PyTorch will not
-                                                  notice and the gradient is silently wrong
+GP302   inplace_saved          error     yes      this backward will raise "modified by an inplace operation": a
+                                                  tensor its graph saved was written in place since; names the
+                                                  writing line (an optimizer step, ``x += 1``, ``relu_``), emitted
+                                                  before the engine starts. (GP301, GP303 retired: nothing is said
+                                                  at the write; ``.data`` writes are not seen)
 GP400   conflict (decompose)   warning   yes      two losses pull a module's gradient against each other (cosine
                                                   <= -0.5, both parts non-negligible)
 GP401   stale_grad             warning   yes      a backward adds to ``.grad`` left from before an optimizer step

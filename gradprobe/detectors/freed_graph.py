@@ -3,13 +3,21 @@
 # NOTE [predicting "backward through the graph a second time"]
 # Before every traced backward the detector lists the nodes the engine will run (pruned to paths
 # that reach `inputs=` / the inputs of autograd.grad) and asks each whether it holds, released, or
-# never had saved tensors (gradprobe.capture.graph.saved_state). A released one means PyTorch will raise:
+# never had saved tensors (gradprobe.capture.graph.walk: one walk per backward, shared with inplace_saved,
+# which reads the stale nodes from it). A released one means PyTorch will raise:
 # GP101 is emitted before the call runs, so `on_finding="raise"` turns it into GradProbeError at the
 # user's line. At a backward without retain_graph, the nodes it will release are intersected with the
 # graphs of other live losses that have not been backwarded (tensors bound in the caller's frame, or
 # named with `t.name`): GP102 warns right then that their backward will fail.
 # Graph nodes cannot be weakly referenced, so what a backward freed is remembered by node id for the
 # last few backwards only, and an id is trusted only while the node it names is really freed.
+
+# NOTE [predictions resolve]
+# GP102 is a prediction: metrics computed with grad, logging expressions and
+# torch.autograd.gradcheck build graphs nobody backwards. A prediction comes true when a later traced
+# backward has the named loss as a root or runs into a node the warned backward freed. At the end of
+# the trace every GP102 that never came true is replaced, in `trace._findings`, by an "info" copy
+# whose message starts "predicted, did not happen" (the GradProbeWarning issued at the time stays).
 """
 
 from __future__ import annotations
@@ -17,11 +25,12 @@ from __future__ import annotations
 import re
 import weakref
 from collections import deque
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradprobe.capture.graph import iter_nodes, nodes_to_run, saved_state
+from gradprobe.capture.graph import iter_nodes, walk
 from gradprobe.capture.sites import Site
 from gradprobe.detectors._common import assignment_site, is_augmented, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
@@ -51,6 +60,18 @@ class _Freed:
         self.leaves = leaves  # id(leaf) -> (weakref to the leaf, its _version at that backward)
 
 
+class _Prediction:
+    """A GP102 finding and the backward it predicts to fail (NOTE [predictions resolve])."""
+
+    __slots__ = ("finding", "other", "other_id", "nodes")
+
+    def __init__(self, finding: Finding, other: torch.Tensor, nodes: set[int]) -> None:
+        self.finding = finding
+        self.other = weakref.ref(other)
+        self.other_id = id(other)
+        self.nodes = nodes  # ids of the nodes the warned backward frees
+
+
 class FreedGraph:
     """Predicts PyTorch's "Trying to backward through the graph a second time" before it happens."""
 
@@ -62,6 +83,7 @@ class FreedGraph:
         self._pending: dict[int, _Freed] = {}
         self._backwarded: dict[int, Any] = {}  # id(root) -> weakref: roots already backwarded
         self._warned: set[tuple[str, Site | None]] = set()  # GP102 once per (other loss, line)
+        self._predicted: list[_Prediction] = []  # GP102s whose predicted backward has not run yet
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
@@ -70,18 +92,14 @@ class FreedGraph:
             return
         for root in call.roots:
             self._backwarded[id(root)] = weakref.ref(root)
-        nodes = nodes_to_run(roots, call.inputs, accumulate=call.kind == "backward")
-        freed, live = [], []
-        for node in nodes:
-            state = saved_state(node)
-            if state == "freed":
-                freed.append(node)
-            elif state == "live":
-                live.append(node)
+        found = walk(call)
+        nodes, freed, live = found.nodes, found.freed, found.live
+        if self._predicted:
+            self._resolve(call, freed)
         if freed:
             trace.emit(self._will_raise(trace, call, nodes, freed))
             return
-        if call.retain_graph or not live:
+        if call.retain_graph or not live or found.stale:  # stale: this backward raises, frees nothing
             return
         leaves = {}
         for node in nodes:
@@ -102,9 +120,27 @@ class FreedGraph:
 
     @hookimpl
     def gradprobe_trace_end(self, trace: Trace) -> None:
+        unresolved = {id(p.finding): p.finding for p in self._predicted}
+        self._predicted.clear()
+        if unresolved:  # NOTE [predictions resolve]
+            for i, finding in enumerate(trace._findings):
+                if unresolved.pop(id(finding), None) is finding:
+                    trace._findings[i] = replace(
+                        finding, severity="info", message="predicted, did not happen: " + finding.message
+                    )
         self._history.clear()
         self._pending.clear()
         self._backwarded.clear()
+
+    def _resolve(self, call: BackwardCall, freed: list[Any]) -> None:
+        """Drop the GP102 predictions this backward fulfils: it backwards the named loss, or meets a freed node."""
+        roots = {id(r): r for r in call.roots}
+        freed_ids = {id(n) for n in freed}
+        self._predicted = [
+            p
+            for p in self._predicted
+            if not ((root := roots.get(p.other_id)) is not None and root is p.other() or p.nodes & freed_ids)
+        ]
 
     # -- GP101: this backward will raise -------------------------------------------------------
 
@@ -230,7 +266,9 @@ class FreedGraph:
             if shared is None:
                 continue
             self._warned.add((name, call.site))
-            findings.append(self._warning(call, frame, name, shared))
+            finding = self._warning(call, frame, name, shared)
+            self._predicted.append(_Prediction(finding, t, set(will_free)))
+            findings.append(finding)
         return findings
 
     def _warning(self, call: BackwardCall, frame: FrameType | None, other: str, shared: Any) -> Finding:

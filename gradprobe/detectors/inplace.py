@@ -1,30 +1,35 @@
-"""GP301 / GP302 / GP303 ``inplace_saved``: an in-place write to a tensor autograd saved for backward.
+"""GP302 ``inplace_saved``: a backward through a tensor that was written in place after autograd saved it.
 
-# NOTE [saved-tensor hooks must keep PyTorch's version check]
-# While the trace is active, a `saved_tensors_hooks` pair records every tensor autograd saves:
-# a detached alias (it shares the version counter and storage, and holds no grad_fn, so no
-# reference cycle), the alias's `_version` at save time and the user's line. ANY saved-tensor hooks,
-# even identity ones, switch off PyTorch's own "modified by an inplace operation" check, so the
-# unpack hook redoes it and raises a RuntimeError (GP302) when the version moved: gradients must
-# never go silently wrong because gradprobe is watching.
-# At each in-place write the interceptor reports (gradprobe_inplace_write), the written tensor's
-# storage is looked up among the saved ones. A write that moves the saved tensor's version counter
-# is reported right there (GP301). A write through an alias autograd does not track (`x.data.add_()`,
-# which PyTorch never notices) leaves the version alone; that is only knowable after the write, so it
-# is checked at the next event (write, backward, end of trace) and reported as GP303.
-# Only the innermost saved_tensors_hooks is active: inside torch.utils.checkpoint or
-# save_on_cpu regions this detector sees nothing (and PyTorch's own check is theirs to keep).
+# NOTE [in-place writes, found where PyTorch would raise]
+# No saved-tensor hooks: entering `saved_tensors_hooks` would replace a user's own pair
+# (save_on_cpu, activation compression, allow_mutation_on_saved_tensors) and switch off PyTorch's
+# version check. Instead the graph walk every traced backward does anyway (gradprobe.capture.graph.walk,
+# shared with freed_graph) reads each saved slot of the nodes the engine will run, which is
+# PyTorch's own check: a slot written in place since it was saved raises "modified by an inplace
+# operation ... is at version N; expected version M". Such a "stale" node means the backward will
+# raise, so GP302 is emitted in `gradprobe_before_backward`, before the engine starts (under
+# on_finding="raise" that is a GradProbeError at the user's backward line; otherwise PyTorch's own
+# error follows unchanged). Slots behind a user's unpack hook are the hook's business and skipped.
+# To name the line that wrote, every in-place write the interceptor reports is remembered by the
+# storage it writes to: (version before the write, site, func), a few per storage, a bounded number
+# of storages. At the stale slot the saved tensor's storage and the versions in PyTorch's message
+# (M expected, N now) pick the first write with M <= version-before < N. Nothing is said at the
+# write itself: many writes to saved tensors are harmless (the graph is never backwarded, or only
+# after the tensor is saved again), and PyTorch's own immediate errors at the write pass untouched.
+# A write through `.data` moves no version counter; without saved-tensor hooks it cannot be seen
+# (the former GP303 is retired), and PyTorch silently uses the new values as it always did.
 """
 
 from __future__ import annotations
 
-import weakref
+import inspect
+import re
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from gradprobe.capture.sites import Site, name_in_frame, user_frame, user_site
-from gradprobe.exceptions import GradProbeError
+from gradprobe.capture.graph import Stale, walk
+from gradprobe.detectors._common import assignment_site, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
@@ -32,222 +37,231 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from gradprobe.capture.calls import BackwardCall
+    from gradprobe.capture.sites import Site
     from gradprobe.api.trace import Trace
 
 __all__ = ["InplaceSaved"]
 
-_OPTIMIZER_OPS = frozenset({"add_", "addcdiv_", "addcmul_", "lerp_", "mul_", "sub_", "copy_", "div_"})
-
-
-class _Saved:
-    """One tensor autograd saved: a detached alias, its version then, and where it was saved."""
-
-    __slots__ = ("alias", "ref", "version", "site", "op", "written", "__weakref__")
-
-    def __init__(self, alias: torch.Tensor, site: Site | None, op: str) -> None:
-        self.alias = alias
-        self.version = alias._version
-        self.site = site
-        self.op = op
-        self.written: tuple[Site | None, str] | None = None
+_OPTIMIZER_OPS = frozenset({"add_", "addcdiv_", "addcmul_", "lerp_", "mul_", "sub_", "copy_", "div_", "sqrt_"})
+_VERSIONS = re.compile(r"is at version (\d+); expected version (\d+)")
+_AUGMENTED_LINE = re.compile(r"^([A-Za-z_][\w.]*)\s*(\*\*|//|<<|>>|[-+*/@%&|^])=(?!=)\s*(.+)$")
+_MAX_STORAGES = 4096  # storages remembered (oldest forgotten first)
+_PER_STORAGE = 8  # writes remembered per storage (oldest forgotten first)
+_AUGMENTED = {
+    "__iadd__": "+", "__isub__": "-", "__imul__": "*", "__itruediv__": "/", "__ifloordiv__": "//",
+    "__imod__": "%", "__ipow__": "**", "__iand__": "&", "__ior__": "|", "__ixor__": "^",
+    "__ilshift__": "<<", "__irshift__": ">>", "__imatmul__": "@",
+}
 
 
 class InplaceSaved:
-    """In-place writes to saved tensors, caught at the write (and re-checked at unpack)."""
+    """Predicts PyTorch's "modified by an inplace operation" at the backward, naming the line that wrote."""
 
-    default = False  # saved-tensor hooks with a stack walk per saved tensor: see README "Overhead"
+    default = True  # one read per saved slot in the walk freed_graph does anyway, and a dict entry per write
     gradprobe_name = "inplace_saved"
 
     def __init__(self) -> None:
-        self._by_storage: dict[int, list[weakref.ReferenceType[_Saved]]] = {}
-        self._hooks: Any = None
-        self._trace: Trace | None = None
-        self._pending: list[tuple[_Saved, int, Site | None, str]] = []
-        self._reported: set[int] = set()
-        self._packs = 0
-
-    # -- saved-tensor hooks --------------------------------------------------------------------
-
-    @hookimpl
-    def gradprobe_trace_start(self, trace: Trace) -> None:
-        if torch._C._are_functorch_transforms_active():
-            return
-        self._trace = trace
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-
-    @hookimpl
-    def gradprobe_trace_end(self, trace: Trace) -> None:
-        self._resolve(trace)
-        if self._hooks is not None:
-            hooks, self._hooks = self._hooks, None
-            hooks.__exit__(None, None, None)
-        self._by_storage.clear()
-
-    def _pack(self, tensor: torch.Tensor) -> _Saved:
-        with torch._C.DisableTorchFunction():  # gradprobe's own calls skip the interceptor
-            alias = tensor.detach()
-            grad_fn = tensor.grad_fn
-            key = _storage_key(alias)
-        saved = _Saved(alias, user_site(2), type(grad_fn).__name__ if grad_fn is not None else "")
-        saved.ref = weakref.ref(tensor)
-        if key is not None:
-            self._by_storage.setdefault(key, []).append(weakref.ref(saved))
-        self._packs += 1
-        if self._packs % 4096 == 0:
-            self._sweep()
-        return saved
-
-    def _unpack(self, saved: _Saved) -> torch.Tensor:
-        alias = saved.alias
-        if alias._version != saved.version:
-            raise self._version_error(saved)
-        return alias
-
-    def _version_error(self, saved: _Saved) -> RuntimeError:
-        alias = saved.alias
-        related = []
-        if saved.site is not None:
-            related.append(RelatedSite(saved.site.filename, saved.site.lineno, "saved the tensor for backward"))
-        if saved.written is not None and saved.written[0] is not None:
-            where, func = saved.written
-            related.append(RelatedSite(where.filename, where.lineno, f"`{func}` wrote to it in place"))
-        finding = Finding(
-            code="GP302",
-            kind="inplace_saved",
-            severity="error",
-            message=(
-                "one of the variables needed for gradient computation has been modified by an inplace operation: "
-                f"[{alias.type()} {list(alias.shape)}] saved for backward at {saved.site or '?'} is at version "
-                f"{alias._version}; expected version {saved.version} instead"
-            ),
-            site=user_site(3) or saved.site,
-            related=tuple(related),
-            fix="find the in-place write after that line (gradprobe reports it as GP301) and make it out-of-place, "
-            "or .clone() the tensor before writing",
-            plugin="inplace_saved",
-        )
-        if self._trace is not None:
-            self._trace._add_finding(finding, "record")
-        return GradProbeError(finding.format(), finding)
-
-    def _sweep(self) -> None:
-        for key in list(self._by_storage):
-            alive = [ref for ref in self._by_storage[key] if ref() is not None]
-            if alive:
-                self._by_storage[key] = alive
-            else:
-                del self._by_storage[key]
-
-    # -- writes --------------------------------------------------------------------------------
+        # storage address -> [(version before the write, site, func, optimizer step?)]
+        self._writes: dict[int, list[tuple[int, Site | None, Callable[..., Any], bool]]] = {}
 
     @hookimpl
     def gradprobe_inplace_write(
         self, trace: Trace, tensors: Iterable[torch.Tensor], func: Callable[..., Any], site: Site | None
     ) -> None:
-        if self._pending:
-            self._resolve(trace)
-        name = getattr(func, "__name__", str(func))
+        writes = self._writes
         for tensor in tensors:
-            refs = self._by_storage.get(_storage_key(tensor))
-            if not refs:
+            try:
+                key = tensor.untyped_storage().data_ptr()
+                entry = (tensor._version, site, func, tensor.is_leaf and tensor.requires_grad)
+            except Exception:  # sparse, nested, meta...: nothing autograd would check
                 continue
-            for ref in refs:
-                saved = ref()
-                if saved is None or saved.alias._version != saved.version or id(saved) in self._reported:
-                    continue
-                if tensor is saved.ref() or _tracks_version(tensor):
-                    self._reported.add(id(saved))
-                    saved.written = (site, name)
-                    trace.emit(self._write_finding(trace, tensor, saved, name, site))
-                else:
-                    self._pending.append((saved, saved.alias._version, site, name))
+            if not key:
+                continue
+            known = writes.get(key)
+            if known is None:
+                if len(writes) >= _MAX_STORAGES:
+                    del writes[next(iter(writes))]
+                writes[key] = [entry]
+            else:
+                known.append(entry)
+                if len(known) > _PER_STORAGE:
+                    del known[0]
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
-        if self._pending:
-            self._resolve(trace)
+        if not any(r.grad_fn is not None for r in call.roots):
+            return
+        stale = walk(call).stale
+        if stale:
+            trace.emit(self._finding(trace, call, max(stale, key=_sequence)))
 
-    def _resolve(self, trace: Trace) -> None:
-        pending, self._pending = self._pending, []
-        sites = set()
-        for saved, version, site, name in pending:
-            if saved.alias._version == version and id(saved) not in self._reported:
-                self._reported.add(id(saved))
-                if (site, name) not in sites:
-                    sites.add((site, name))
-                    trace.emit(self._untracked_finding(saved, name, site))
+    @hookimpl
+    def gradprobe_trace_end(self, trace: Trace) -> None:
+        self._writes.clear()
 
-    def _write_finding(
-        self, trace: Trace, tensor: torch.Tensor, saved: _Saved, func: str, site: Site | None
-    ) -> Finding:
-        frame = user_frame(2)
-        state = trace._by_id.get(id(tensor))
-        name = state.leaf.name if state is not None and state.leaf.tensor is tensor else name_in_frame(frame, tensor)
-        what = f"`{name}`" if name else f"a tensor of shape {list(tensor.shape)}"
-        saver = f"{saved.op}'s output" if saved.op else "it"
-        related = [RelatedSite(saved.site.filename, saved.site.lineno, f"saved {what} for backward")] if saved.site else []
-        optimizer = tensor.is_leaf and tensor.requires_grad and (func in _OPTIMIZER_OPS or func.startswith("_foreach_"))
-        if optimizer:
-            return Finding(
-                code="GP301",
-                kind="inplace_saved",
-                severity="warning",
-                message=(
-                    f"`{func}` (an optimizer step?) updates parameter {what} in place while a graph that saved it "
-                    f"at {saved.site or '?'} is still alive: a backward through that graph will raise "
-                    "\"modified by an inplace operation\""
-                ),
-                site=site,
-                related=tuple(related),
-                fix="run every backward through that graph before optimizer.step() (or add the losses and call "
-                "backward once), or run the forward again after the step",
-                plugin="inplace_saved",
-                data={"func": func},
-            )
+    # -- the finding -------------------------------------------------------------------------
+
+    def _finding(self, trace: Trace, call: BackwardCall, stale: Stale) -> Finding:
+        match = _VERSIONS.search(stale.message)
+        now, expected = (int(match.group(1)), int(match.group(2))) if match else (-1, -1)
+        tensor = _saved_tensor(stale, now)
+        write = self._write_for(tensor, expected, now)
+        frame = call.frame
+        locals_ = tensors_in_frame(frame)
+        name = _tensor_name(trace, tensor, locals_)
+        shape = f" {list(tensor.shape)}" if tensor is not None else ""
+        what = f"`{name}`{shape}" if name else f"a tensor{shape}"
+        node_name = next((n for n, t in locals_.items() if t.grad_fn is stale.node), None)
+        created = assignment_site(frame, node_name) if node_name else None
+        related: list[RelatedSite] = []
+        if write is not None:
+            _, site, func, optimizer = write
+            fname = _func_name(func)
+            source = site.source if site is not None else ""
+            by = f"`{source}` ({fname}) at {site}" if source else f"`{fname}`" + (f" at {site}" if site else "")
+            if site is not None:
+                related.append(RelatedSite(site.filename, site.lineno, f"`{fname}` wrote to it in place"))
+            fix = _fix(func, name, optimizer, source)
+        else:
+            fname, optimizer = None, False
+            by = "a write gradprobe did not see (before the trace, on another thread, or in compiled code)"
+            fix = f"find that write and make it out of place, or `.clone()` the tensor before it"
+        if created is not None:
+            related.append(RelatedSite(created.filename, created.lineno, f"created `{node_name}` ({op_name(stale.node)})"))
+        versions = f" (version {expected} -> {now})" if match else ""
+        message = (
+            f"{_call_text(call)} will raise \"one of the variables needed for gradient computation has been "
+            f"modified by an inplace operation\": {what}, saved for backward by {op_name(stale.node)}, was written "
+            f"in place by {by}{versions}"
+        )
         return Finding(
-            code="GP301",
+            code="GP302",
             kind="inplace_saved",
             severity="error",
-            message=(
-                f"`{func}` writes in place to {what}, which autograd saved for backward ({saver}) at "
-                f"{saved.site or '?'}: the backward through it will raise \"modified by an inplace operation\""
-            ),
-            site=site,
+            message=message,
+            site=call.site,
             related=tuple(related),
-            fix=f"use the out-of-place form (e.g. `x = x.{func.rstrip('_').strip('_')}(...)`, "
-            "`nn.ReLU(inplace=False)`, `x = x + 1` instead of `x += 1`), or `.clone()` the tensor before writing",
+            fix=fix,
             plugin="inplace_saved",
-            data={"func": func},
+            data={"func": fname, "node": type(stale.node).__name__, "version": now, "expected": expected,
+                  "optimizer": optimizer},
         )
 
-    def _untracked_finding(self, saved: _Saved, func: str, site: Site | None) -> Finding:
-        related = [RelatedSite(saved.site.filename, saved.site.lineno, "saved the tensor for backward")] if saved.site else []
-        return Finding(
-            code="GP303",
-            kind="inplace_saved",
-            severity="warning",
-            message=(
-                f"`{func}` wrote into a tensor saved for backward through an alias autograd does not track "
-                "(`.data`?): PyTorch will not notice, and the backward will silently use the new values"
-            ),
-            site=site,
-            related=tuple(related),
-            fix="write under `with torch.no_grad():` to the tensor itself (not `.data`) so PyTorch's version check "
-            "sees it, or finish the backward before the write",
-            plugin="inplace_saved",
-            data={"func": func},
-        )
+    def _write_for(self, tensor: torch.Tensor | None, expected: int, now: int) -> Any:
+        """The first remembered write that moved ``tensor`` past the version autograd saved it at."""
+        if tensor is None:
+            return None
+        try:
+            writes = self._writes.get(tensor.untyped_storage().data_ptr())
+        except Exception:
+            return None
+        if not writes:
+            return None
+        return next((w for w in writes if expected <= w[0] < now), writes[-1])
 
 
-def _storage_key(tensor: torch.Tensor) -> int | None:
-    """Address of the memory a tensor lives in (None for sparse / nested tensors without one storage)."""
+def _sequence(stale: Stale) -> int:
+    """The engine runs later-created nodes first: PyTorch's error names the stale node created last."""
     try:
-        return tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):
+        return int(stale.node._sequence_nr())
+    except Exception:
+        return -1
+
+
+def _saved_tensor(stale: Stale, now: int) -> torch.Tensor | None:
+    """The saved tensor PyTorch's message is about (the raw slot's data; no unpack hook runs)."""
+    found = None
+    for item in stale.items:
+        try:
+            data = item.data
+        except Exception:
+            continue
+        if isinstance(data, torch.Tensor):
+            if data._version == now:
+                return data
+            found = found if found is not None else data
+    return found
+
+
+def _tensor_name(trace: Trace, tensor: torch.Tensor | None, locals_: dict[str, torch.Tensor]) -> str | None:
+    """A tracked leaf's name (also through a view, `weight.t()`), else a local that is the tensor or aliases it."""
+    if tensor is None:
         return None
+    for candidate in (tensor, tensor._base):
+        state = trace._by_id.get(id(candidate))
+        if candidate is not None and state is not None and state.leaf.tensor is candidate:
+            return state.leaf.name
+    try:
+        key = tensor.untyped_storage().data_ptr()
+        for name, t in locals_.items():
+            if t is tensor or (t.shape == tensor.shape and t.untyped_storage().data_ptr() == key):
+                return name
+        for state in trace._ledger.leaves:
+            leaf = state.leaf.tensor
+            if leaf is not None and leaf.untyped_storage().data_ptr() == key:
+                return state.leaf.name
+    except Exception:
+        return None
+    return None
 
 
-def _tracks_version(tensor: torch.Tensor) -> bool:
-    """Whether a write to ``tensor`` moves the version counter autograd checks (not a `.data` alias)."""
-    return tensor.requires_grad or tensor._base is not None
+def _func_name(func: Callable[..., Any]) -> str:
+    return getattr(func, "__name__", None) or str(func)
+
+
+def _call_text(call: BackwardCall) -> str:
+    return f"`{call.name}.backward()`" if call.kind == "backward" else f"`autograd.grad({call.name}, ...)`"
+
+
+def _fix(func: Callable[..., Any], known: str | None, optimizer: bool, source: str = "") -> str:
+    """The right change for this kind of write, as valid Python (``known`` is the written tensor's name,
+    ``source`` the writing line: `z += 1` reaches the interceptor as `add_`)."""
+    name = _func_name(func)
+    x = known or "x"
+    clone = f"or `{x} = {x}.clone()` before the write"
+    if optimizer:
+        return (
+            "run every backward through this graph before `optimizer.step()` (or add the losses and call backward "
+            "once), or run the forward again after the step"
+        )
+    augmented = _AUGMENTED_LINE.match(source)
+    if augmented is not None and name not in ("__setitem__", "copy_"):
+        target, op, value = augmented.group(1), augmented.group(2), augmented.group(3).split("#")[0].strip()
+        clone = f"or `{target} = {target}.clone()` before the write"
+        return (
+            f"write `{target} = {target} {op} {value}` instead of `{target} {op}= {value}` (a new tensor; the saved "
+            f"one stays intact), {clone}"
+        )
+    if name in _AUGMENTED:
+        op = _AUGMENTED[name]
+        return f"write `{x} = {x} {op} ...` instead of `{x} {op}= ...` (a new tensor; the saved one stays intact), {clone}"
+    if name == "__setitem__":
+        return (
+            f"clone before the indexed assignment: `{x} = {x}.clone()`, then `{x}[...] = ...` "
+            "(or build the result out of place, e.g. with `torch.where`)"
+        )
+    if name == "copy_":
+        return f"`{x} = src.clone()` instead of `{x}.copy_(src)`"
+    if name == "zero_":
+        return f"`{x} = torch.zeros_like({x})` instead of `{x}.zero_()`"
+    if name == "fill_":
+        return f"`{x} = torch.full_like({x}, value)` instead of `{x}.fill_(value)`"
+    if name.endswith("_") and not name.startswith("_"):
+        base = name[:-1]
+        if hasattr(torch.Tensor, base):
+            also = f" (or `torch.{base}({x})`, `nn.ReLU(inplace=False)`)" if base == "relu" else ""
+            return f"`{x} = {x}.{base}(...)` instead of `{x}.{name}(...)`{also}, {clone}"
+        return f"`.clone()` the tensor before the write: `{x} = {x}.clone()`"
+    if _has_inplace_flag(func):
+        also = f", {clone}" if known else ""
+        return f"pass `inplace=False` to `{name}` (e.g. `nn.ReLU(inplace=False)` for `nn.ReLU(inplace=True)`){also}"
+    if not name.startswith("_"):
+        return f"let `{name}` return a new tensor instead of passing a saved tensor as `out=`, {clone}"
+    return f"`.clone()` the tensor before the write: `{x} = {x}.clone()`"
+
+
+def _has_inplace_flag(func: Callable[..., Any]) -> bool:
+    try:
+        return "inplace" in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,6 +1,9 @@
-"""inplace_saved: in-place writes to tensors autograd saved for backward."""
+"""inplace_saved: a backward through a tensor written in place after autograd saved it (GP302)."""
 
 from __future__ import annotations
+
+import inspect
+import warnings
 
 import pytest
 import torch
@@ -10,112 +13,218 @@ from torch import nn
 import gradprobe
 
 
-def traced(*targets, **kw):
-    return gradprobe.trace(*targets, detect=["inplace_saved"], on_finding="record", **kw)
+def _line() -> int:
+    return inspect.currentframe().f_back.f_lineno  # type: ignore[union-attr]
 
 
-def test_relu_inplace_after_sigmoid_is_flagged_at_the_write() -> None:
-    """ReLU(inplace=True) after Sigmoid overwrites sigmoid's saved output: GP301 at the write, then the backward raises."""
-    m = nn.Sequential(nn.Linear(3, 3), nn.Sigmoid(), nn.ReLU(inplace=True))
-    with traced(m) as t:
-        y = m(torch.rand(2, 3))
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            y.sum().backward()
-    assert codes(t)[0] == "GP301"
-    assert "SigmoidBackward0" in t.findings[0].message and t.findings[0].site.filename == __file__
+def test_on_by_default() -> None:
+    """The in-place detector is part of the default set."""
+    assert "inplace_saved" in gradprobe.trace().plugin_names
 
 
-def test_relu_inplace_after_linear_is_clean() -> None:
-    """ReLU(inplace=True) after Linear is fine (nothing saved its input): no finding, same gradients."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 1))
-    x = torch.rand(2, 3)
-    m(x).sum().backward()
-    expected = [p.grad.clone() for p in m.parameters()]
-    m.zero_grad()
-    with traced(m) as t:
-        m(x).sum().backward()
-    assert codes(t) == []
-    assert all(torch.equal(p.grad, e) for p, e in zip(m.parameters(), expected))
-
-
-@pytest.mark.parametrize("write", ["iadd", "mask", "method"])
-def test_writes_to_saved_tensors(write: str) -> None:
-    """`x += 1`, `x[mask] = 0` and `x.mul_(2)` on a saved tensor are caught at the write."""
+@pytest.mark.parametrize("detect", ["default", "all"])
+def test_write_never_backwarded_through_is_fine(detect: str) -> None:
+    """`logged = h.pow(2); h.mul_(.5); h.sum().backward()` works in PyTorch: no finding, no error."""
     w = torch.rand(3, requires_grad=True)
-    with traced(w) as t:
+    with gradprobe.trace(w, on_finding="raise", detect=detect) as t:
+        h = w * 2
+        logged = h.pow(2)  # saves h, but nobody backwards it
+        h.mul_(0.5)
+        h.sum().backward()
+    assert t.findings == [] and torch.equal(w.grad, torch.ones(3))
+    del logged
+
+
+def test_relu_inplace_after_sigmoid_raises_at_the_backward_naming_the_write() -> None:
+    """ReLU(inplace=True) overwrites sigmoid's saved output: GradProbeError at the backward, before PyTorch."""
+    m = nn.Sequential(nn.Linear(3, 3), nn.Sigmoid(), nn.ReLU(inplace=True))
+    with pytest.raises(gradprobe.GradProbeError) as info:
+        with gradprobe.trace(m, on_finding="raise"):
+            y = m(torch.rand(2, 3))
+            write = _line() - 1
+            y.sum().backward()
+    back = write + 2
+    finding = info.value.finding
+    assert finding.code == "GP302" and finding.site.lineno == back and finding.site.filename == __file__
+    assert any(r.lineno == write and "relu" in r.role for r in finding.related)
+    assert f":{write}" in finding.message and "SigmoidBackward0" in finding.message
+    assert "inplace=False" in finding.fix
+    assert all(p.grad is None for p in m.parameters())  # the engine never started
+
+
+@pytest.mark.parametrize("policy", ["record", "warn"])
+def test_pytorchs_error_still_comes_through(policy: str) -> None:
+    """Under record / warn the finding is recorded and PyTorch's own RuntimeError follows, unchanged."""
+    w = torch.rand(3, requires_grad=True)
+
+    def run() -> None:
+        z = w.exp()
+        z += 1
+        z.sum().backward()
+
+    with pytest.raises(RuntimeError) as plain:
+        run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gradprobe.trace(w, on_finding=policy) as t:
+            with pytest.raises(RuntimeError) as traced:
+                run()
+    assert type(traced.value) is type(plain.value) and str(traced.value) == str(plain.value)
+    assert not isinstance(traced.value, gradprobe.GradProbeError)
+    assert codes(t) == ["GP302"] and "`z += 1` (add_)" in t.findings[0].message
+
+
+@pytest.mark.parametrize(
+    ("write", "fix"),
+    [
+        ("iadd", "`z = z + 1` instead of `z += 1`"),
+        ("mask", "`z = z.clone()`, then `z[...] = ...`"),
+        ("method", "`z = z.mul(...)` instead of `z.mul_(...)`"),
+        ("copy", "`z = src.clone()` instead of `z.copy_(src)`"),
+        ("relu", "torch.relu(z)"),
+    ],
+)
+def test_writes_to_saved_tensors_name_the_write_and_a_valid_fix(write: str, fix: str) -> None:
+    """`z += 1`, `z[mask] = 0`, `z.mul_(2)`, `z.copy_(...)`, `z.relu_()` on a saved tensor: the line and the fix."""
+    w = torch.rand(3, requires_grad=True)
+    with gradprobe.trace(w, on_finding="record") as t:
         z = w.exp()  # saves its result
         if write == "iadd":
             z += 1
         elif write == "mask":
             z[z > 1.5] = 0
-        else:
+        elif write == "method":
             z.mul_(2)
-        line = z.sum
-    (first, *_) = problems(t)
-    assert first.code == "GP301" and first.severity == "error"
-    del line
-
-
-def test_unpack_keeps_pytorchs_version_check() -> None:
-    """Saved-tensor hooks switch PyTorch's check off; the unpack hook restores it (no silently wrong gradient)."""
-    w = torch.rand(3, requires_grad=True)
-    with traced(w, disable=[]) as t:
-        x = torch.rand(3)
-        y = (w * x).sum()
-        with torch.no_grad():
-            x.add_(1)  # x is saved by the mul (for w's gradient)
+        elif write == "copy":
+            z.copy_(torch.ones(3))
+        else:
+            z.relu_()
+        line = _line() - 1 if write == "relu" else None
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            y.backward()
-    assert "GP302" in codes(t)
-    assert w.grad is None
+            z.sum().backward()
+    (finding,) = problems(t)
+    assert finding.code == "GP302" and finding.severity == "error"
+    assert fix in finding.fix, finding.fix
+    assert ".iadd(" not in finding.fix and ".setitem(" not in finding.fix and ".copy(" not in finding.fix
+    if line is not None:
+        assert any(r.lineno == line for r in finding.related)
 
 
 def test_optimizer_step_between_backwards() -> None:
-    """optimizer.step() between two backwards through one graph: GP301 at the step, the backward raises."""
+    """opt.step() between two backwards through one graph: GP302 names the step's line and says reorder."""
     m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    with traced(m) as t:
+    opt = torch.optim.Adam(m.parameters(), lr=0.1)
+    with gradprobe.trace(m, on_finding="record") as t:
         out = m(torch.rand(2, 3))
         out.pow(2).mean().backward(retain_graph=True)
         opt.step()
+        step = _line() - 1
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.abs().mean().backward()
-    found = problems(t)
-    assert found[0].code == "GP301" and "optimizer" in found[0].message
-    assert "GP302" in codes(t)
+    (finding,) = problems(t)
+    assert finding.code == "GP302" and any(r.lineno == step for r in finding.related)
+    assert "optimizer.step()" in finding.fix and "addcdiv_" in finding.message
+    assert "`2.weight`" in finding.message or "`2.bias`" in finding.message
 
 
-def test_data_write_is_a_warning() -> None:
-    """`w.data.add_()` on a saved tensor: PyTorch never notices; gradprobe warns (GP303)."""
+def test_foreach_optimizer_step_on_saved_parameter() -> None:
+    """A foreach optimizer step (`_foreach_add_` over the parameters) is named like a plain one."""
+    m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, foreach=True)
+    with gradprobe.trace(m, on_finding="record") as t:
+        out = m(torch.rand(2, 3))
+        out.sum().backward(retain_graph=True)
+        opt.step()
+        with pytest.raises(RuntimeError, match="inplace"):
+            out.sum().backward()
+    assert codes(t) == ["GP302"] and "_foreach_add_" in t.findings[0].message
+    assert "optimizer.step()" in t.findings[0].fix
+
+
+@pytest.mark.parametrize("detect", ["default", "all"])
+def test_clean_multi_task_step_with_optimizer(detect: str) -> None:
+    """`la.backward(retain_graph=True); lb.backward(); opt.step()` in a loop: nothing to say."""
+    torch.manual_seed(0)
+    body, ha, hb = nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 1), nn.Linear(8, 1)
+    opt = torch.optim.Adam([*body.parameters(), *ha.parameters(), *hb.parameters()], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradprobe.GradProbeWarning)
+        t = _multi_task(body, ha, hb, opt, detect)
+    assert codes(t) == []
+
+
+def _multi_task(body: nn.Module, ha: nn.Module, hb: nn.Module, opt: torch.optim.Optimizer, detect: str) -> gradprobe.Trace:
+    with gradprobe.trace(body, ha, hb, on_finding="raise", detect=detect) as t:
+        for _ in range(3):
+            f = body(torch.rand(3, 4))
+            la, lb = ha(f).mean(), hb(f).pow(2).mean()
+            la.backward(retain_graph=True)
+            lb.backward()
+            opt.step()
+            opt.zero_grad()
+    return t
+
+
+@pytest.mark.parametrize("detect", ["default", "all"])
+def test_gradcheck_inside_a_trace(detect: str) -> None:
+    """gradcheck perturbs its inputs in place around graphs it never backwards: no finding, no error."""
+    x = torch.rand(4, dtype=torch.double, requires_grad=True)
+    with gradprobe.trace(x, on_finding="raise", detect=detect) as t:
+        assert torch.autograd.gradcheck(lambda a: (a.sin() * a).sum(), (x,))
+        assert torch.autograd.gradgradcheck(lambda a: (a.sin() * a).sum(), (x,))
+    assert codes(t) == []
+
+
+def _leaf_view_write() -> None:
     w = torch.rand(3, requires_grad=True)
-    with traced(w) as t:
-        y = (w * w).sum()
-        w.data.add_(1)
-        y.backward()
-    assert codes(t) == ["GP303"]
+    y = (w * w).sum()  # saves w
+    w[0].mul_(2)
+    y.backward()
 
 
-def test_gradients_bitwise_identical_with_hooks() -> None:
-    """With the saved-tensor hooks on, gradients equal an untraced run bit for bit."""
+def _overlapping_write() -> None:
+    a = torch.rand(1, requires_grad=True)
+    s = a.exp()  # saves s
+    s.expand(3).add_(1)
+    s.sum().backward()
+
+
+@pytest.mark.parametrize("detect", ["default", "all"])
+@pytest.mark.parametrize("write", [_leaf_view_write, _overlapping_write])
+def test_pytorchs_immediate_errors_pass_untouched(write, detect: str) -> None:  # type: ignore[no-untyped-def]
+    """PyTorch's own errors at the write (leaf view, overlapping memory) come through, same type and text."""
+    with pytest.raises(Exception) as plain:
+        write()
+    with pytest.raises(Exception) as traced:
+        with gradprobe.trace(on_finding="raise", detect=detect):
+            write()
+    assert type(traced.value) is type(plain.value) and str(traced.value) == str(plain.value)
+
+
+def test_write_through_a_view_copyslices() -> None:
+    """`h[0].mul_(3.0)` (a CopySlices node) on exp's saved output: GP302 names that line."""
+    w = torch.rand(3, requires_grad=True)
+    with gradprobe.trace(w, on_finding="record") as t:
+        h = w.exp()
+        h[0].mul_(3.0)
+        line = _line() - 1
+        with pytest.raises(RuntimeError, match="inplace"):
+            h.sum().backward()
+    (finding,) = problems(t)
+    assert finding.code == "GP302" and any(r.lineno == line for r in finding.related)
+
+
+def test_gradients_bitwise_identical() -> None:
+    """With the detector on, gradients equal an untraced run bit for bit (also with in-place ReLU)."""
     torch.manual_seed(1)
-    m = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2), nn.Sigmoid())
     x = torch.rand(5, 4)
     m(x).pow(2).sum().backward()
     expected = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    with traced(m):
+    with gradprobe.trace(m, on_finding="raise"):
         m(x).pow(2).sum().backward()
     assert all(torch.equal(p.grad, e) for p, e in zip(m.parameters(), expected))
-
-
-def test_raise_policy_raises_at_the_write() -> None:
-    """With on_finding="raise", the in-place write itself raises GradProbeError."""
-    w = torch.rand(3, requires_grad=True)
-    with pytest.raises(gradprobe.GradProbeError, match="GP301"):
-        with gradprobe.trace(w, detect="all", on_finding="raise"):
-            z = w.sigmoid()
-            z.add_(1)
 
 
 class WriteLog:
@@ -125,7 +234,7 @@ class WriteLog:
         self.funcs: list[str] = []
 
     @gradprobe.hookimpl
-    def gradprobe_inplace_write(self, trace, tensors, func, site) -> None:
+    def gradprobe_inplace_write(self, trace, tensors, func, site) -> None:  # type: ignore[no-untyped-def]
         self.funcs.append(getattr(func, "__name__", str(func)))
 
 
@@ -150,12 +259,12 @@ def test_interceptor_sees_these_writes() -> None:
     assert "_foreach_add_" in log.funcs[6:]
 
 
-def test_foreach_optimizer_step_on_saved_parameter() -> None:
-    """A foreach optimizer step (`_foreach_add_` over the parameters) is caught like a plain one."""
-    m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1, foreach=True)
-    with traced(m) as t:
-        out = m(torch.rand(2, 3))
-        out.sum().backward(retain_graph=True)
-        opt.step()
-    assert codes(t)[:1] == ["GP301"] and "_foreach_add_" in t.findings[0].message
+def test_fact_reading_a_saved_slot_is_pytorchs_version_check() -> None:
+    """PyTorch fact: `_saved_<x>` raises the backward's own message after an in-place write; `_raw_` does not."""
+    w = torch.rand(3, requires_grad=True)
+    h = w * 2
+    node = h.pow(2).grad_fn
+    h.mul_(0.5)
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation.*is at version 1; expected version 0"):
+        node._saved_self
+    assert node._raw_saved_self.unpack_hook is None and node._raw_saved_self.data._version == 1

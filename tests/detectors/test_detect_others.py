@@ -197,16 +197,16 @@ def test_finite_gradients_are_clean() -> None:
 
 
 def test_detect_selects_detectors() -> None:
-    """detect="default" leaves the costly detectors out; "all" and explicit lists choose them."""
+    """detect="default" leaves the costly detectors out (in-place detection is in); "all" and lists choose them."""
     detectors = [n for n, s in BUILTIN_PLUGINS.items() if s.startswith("gradprobe.detectors.")]
     default = gradprobe.trace().plugin_names
-    assert "freed_graph" in default and "inplace_saved" not in default and "nonfinite_modules" not in default
+    assert "freed_graph" in default and "inplace_saved" in default and "nonfinite_modules" not in default
     assert set(detectors) <= set(gradprobe.trace(detect="all").plugin_names)
     only = gradprobe.trace(detect=["nonleaf_grad"]).plugin_names
     assert [n for n in only if n in detectors] == ["nonleaf_grad"]
     assert "nonfinite" not in gradprobe.trace(disable=["nonfinite"]).plugin_names
     assert "inplace_saved" not in gradprobe.trace(detect="all", disable=["inplace_saved"]).plugin_names
-    assert "inplace_saved" not in gradprobe.trace(disable=["inplace_saved"]).plugin_names  # off anyway: no error
+    assert "inplace_saved" not in gradprobe.trace(disable=["inplace_saved"]).plugin_names
     with pytest.raises(ValueError, match="no detector"):
         gradprobe.trace(detect=["nope"])
     with pytest.raises(ValueError):

@@ -74,7 +74,7 @@ def execute(ops, roots_spec, actions, detect=None):
                 outcomes.append(None)
             except RuntimeError as exc:
                 outcomes.append("freed" if "second time" in str(exc) else "inplace" if "inplace" in str(exc) else "other")
-            predictions.append(t is not None and any(f.code == "GP101" for f in t.findings[before:]))
+            predictions.append({f.code for f in t.findings[before:]} if t is not None else set())
     finally:
         if context is not None:
             context.__exit__(None, None, None)
@@ -85,22 +85,22 @@ def run_scenario(ops, roots_spec, actions) -> None:
     plain, plain_grads, _ = execute(ops, roots_spec, actions)
     for detect in ("default", "all"):
         outcomes, grads, predictions = execute(ops, roots_spec, actions, detect)
-        # gradprobe changes nothing: same errors (its own version check stands in for PyTorch's) and
-        # bitwise identical gradients
+        # gradprobe changes nothing: same errors and bitwise identical gradients
         assert outcomes == plain, (detect, outcomes, plain)
         for g, p in zip(grads, plain_grads):
             assert (g is None and p is None) or (g is not None and p is not None and torch.equal(g, p))
-        # "will raise" predicted exactly when PyTorch raises its freed-graph error (or raises at all)
+        # "will raise" (GP101 freed graph, GP302 in-place write) predicted exactly when PyTorch raises
         for predicted, outcome in zip(predictions, outcomes):
-            assert not (predicted and outcome is None), (detect, predictions, outcomes)
-            assert not (outcome == "freed" and not predicted), (detect, predictions, outcomes)
+            assert not (predicted & {"GP101", "GP302"} and outcome is None), (detect, predictions, outcomes)
+            assert not (outcome == "freed" and "GP101" not in predicted), (detect, predictions, outcomes)
+            assert not (outcome == "inplace" and "GP302" not in predicted), (detect, predictions, outcomes)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario)
 def test_prediction_matches_pytorch(case) -> None:
-    """Every predicted GP101 is followed by a PyTorch error, every freed-graph error was predicted, and
-    tracing (default or every detector) changes neither the errors nor the gradients."""
+    """Every predicted GP101 / GP302 is followed by a PyTorch error, every freed-graph and in-place error
+    was predicted, and tracing (default or every detector) changes neither the errors nor the gradients."""
     run_scenario(*case)
 
 
