@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections import deque
 from dataclasses import replace
@@ -32,6 +31,7 @@ import torch
 
 from gradprobe.capture.graph import iter_nodes, walk
 from gradprobe.capture.sites import Site
+from gradprobe.detectors.freed_graph_fixes import fix_for, running_total
 from gradprobe.detectors._common import assignment_site, is_augmented, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["FreedGraph"]
 
 _ACCUMULATE_GRAD = type(torch.empty(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
-_GAN_NAMES = re.compile(r"fake|gen|sample|synth", re.IGNORECASE)
 
 
 class _Freed:
@@ -180,7 +179,7 @@ class FreedGraph:
             f"{_call_text(call.name, call.kind)} will raise \"Trying to backward through the graph a second time\": its graph "
             f"goes through {what}, whose saved tensors {by} already freed"
         )
-        fix = self._fix(trace, call, frame, earlier, top, shared_name, locals_)
+        fix = fix_for(trace, call, frame, earlier, top, shared_name, locals_)
         return Finding(
             code="GP101",
             kind="freed_graph",
@@ -191,51 +190,6 @@ class FreedGraph:
             fix=fix,
             plugin="freed_graph",
             data={"node": type(top).__name__, "freed_by": earlier.record.index if earlier and earlier.record else None},
-        )
-
-    def _fix(
-        self,
-        trace: Trace,
-        call: BackwardCall,
-        frame: FrameType | None,
-        earlier: _Freed | None,
-        top: Any,
-        shared_name: str | None,
-        locals_: dict[str, torch.Tensor],
-    ) -> str:
-        rec = earlier.record if earlier is not None else None
-        where = f" at {rec.site}" if rec is not None and rec.site is not None else ""
-        if is_augmented(frame, call.name):
-            return _running_total(call.name, rec.name if rec else "loss")
-        stepped = _changed_leaves(trace, earlier)
-        step_note = (
-            f" An in-place update (optimizer.step()?) changed {', '.join(stepped[:3])} since that backward, so "
-            "retain_graph=True alone would only turn this into the in-place error: run the forward again after the step."
-            if stepped
-            else ""
-        )
-        if rec is not None and rec.site is not None and rec.site == call.site:
-            carried = _carried(frame, top, call, locals_)
-            if carried and is_augmented(frame, carried):
-                return (
-                    f"`{carried}` is carried across iterations with its graph: accumulate a number instead, "
-                    f"`{carried} += loss.item()`, or `.detach()` it." + step_note
-                )
-            head = "a tensor from an earlier iteration still holds the graph the previous backward freed: "
-            if carried is None:
-                return head + "detach it (hidden state, cached embedding) where it is carried into the next iteration." + step_note
-            line = assignment_site(frame, carried)
-            at = f" before line {line.lineno}" if line else " where it is carried into the next iteration"
-            return head + f"call `{carried} = {carried}.detach()`{at}." + step_note
-        if shared_name and _looks_like_gan(trace, earlier, top, shared_name):
-            return (
-                f"`{shared_name}` feeds a loss that should not train what produced it: use "
-                f"`{shared_name}.detach()` in the earlier step (the one backwarded{where}); if both losses must "
-                f"reach it, pass retain_graph=True{where}." + step_note
-            )
-        return (
-            f"pass retain_graph=True to the earlier backward{where}, or add the losses and call backward once "
-            f"(e.g. `({rec.name if rec else 'loss_a'} + {call.name}).backward()`)." + step_note
         )
 
     # -- GP102: a backward that will make another one fail ---------------------------------------
@@ -288,7 +242,7 @@ class FreedGraph:
             site=call.site,
             related=tuple(related),
             fix=(
-                _running_total(other, call.name)
+                running_total(other, call.name)
                 if is_augmented(frame, other)
                 else f"pass retain_graph=True here, or add the losses and call backward once "
                 f"(`({call.name} + {other}).backward()`)"
@@ -298,60 +252,5 @@ class FreedGraph:
         )
 
 
-def _running_total(total: str, loss: str) -> str:
-    return (
-        f"`{total}` is a running total that keeps every step's graph alive: accumulate a number, "
-        f"`{total} += {loss}.item()` (or `{loss}.detach()`), and backward each loss on its own"
-    )
-
-
 def _call_text(name: str, kind: str) -> str:
     return f"`{name}.backward()`" if kind == "backward" else f"`autograd.grad({name}, ...)`"
-
-
-def _changed_leaves(trace: Trace, earlier: _Freed | None) -> list[str]:
-    if earlier is None:
-        return []
-    changed = []
-    for ref, version in earlier.leaves.values():
-        leaf = ref()
-        if leaf is not None and leaf._version != version:
-            state = trace._by_id.get(id(leaf))
-            changed.append(f"`{state.leaf.name}`" if state is not None else "a parameter")
-    return changed
-
-
-def _carried(frame: FrameType | None, top: Any, call: BackwardCall, locals_: dict[str, torch.Tensor]) -> str | None:
-    """The local that carries the freed graph into this iteration (``h`` in ``out, h = rnn(x, h)``)."""
-    roots = {id(r) for r in call.roots}
-    holders = []
-    for name, t in locals_.items():
-        if id(t) in roots or t.grad_fn is None:
-            continue
-        if any(n is top for n in iter_nodes([t.grad_fn])):
-            holders.append(name)
-    for name in holders:
-        if is_augmented(frame, name):
-            return name
-    for name in holders:
-        line = assignment_site(frame, name)
-        if line is not None and re.search(rf"=.*\b{re.escape(name)}\b", line.source):
-            return name
-    return holders[0] if holders else None
-
-
-def _looks_like_gan(trace: Trace, earlier: _Freed | None, top: Any, shared_name: str) -> bool:
-    """The shared tensor is one module's output fed to another module (a generator's sample)."""
-    if _GAN_NAMES.search(shared_name):
-        return True
-    if earlier is None:
-        return False
-    behind = {id(getattr(n, "variable", None)) for n in iter_nodes([top])}
-    mine, others = set(), set()
-    for key, (ref, _) in earlier.leaves.items():
-        state = trace._by_id.get(key)
-        if state is None or state.leaf.module is None:
-            continue
-        owner = state.leaf.name.split(".", 1)[0]
-        (mine if key in behind else others).add(owner)
-    return bool(mine) and bool(others) and not (mine & others)

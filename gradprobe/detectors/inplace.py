@@ -125,7 +125,7 @@ class InplaceSaved:
         else:
             fname, optimizer = None, False
             by = "a write gradprobe did not see (before the trace, on another thread, or in compiled code)"
-            fix = f"find that write and make it out of place, or `.clone()` the tensor before it"
+            fix = "find that write and make it out of place, or `.clone()` the tensor before it"
         if created is not None:
             related.append(RelatedSite(created.filename, created.lineno, f"created `{node_name}` ({op_name(stale.node)})"))
         versions = f" (version {expected} -> {now})" if match else ""
