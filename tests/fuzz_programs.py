@@ -72,11 +72,12 @@ class Scale2(torch.autograd.Function):  # saves nothing
 '''
 _CLASSES = {"MulSave": PRELUDE.index("class MulSave"), "Scale2": PRELUDE.index("class Scale2")}
 
-# PyTorch errors gradprobe predicts, and the code it must raise instead (under on_finding="raise")
+# PyTorch errors gradprobe predicts (a regex on the first line), and the code it must raise instead
+# (under on_finding="raise")
 PREDICTED = (
     ("backward through the graph a second time", "GP101", "freed-graph"),
     ("modified by an inplace operation", "GP302", "inplace"),
-    ("element 0 of tensors does not require grad", "GP501", "no-grad root"),
+    (r"element \d+ of tensors does not require grad", "GP501", "no-grad root"),
 )
 # where gradprobe's saved-tensor hooks stand in for PyTorch's version check, its error may replace PyTorch's
 RECORD_STAND_INS = {"inplace": "GP302"}
@@ -530,13 +531,13 @@ class Exc:
 
     def kind(self) -> str:
         for phrase, _, kind in PREDICTED:
-            if phrase in self.line:
+            if re.search(phrase, self.line):
                 return kind
         return f"{self.type}: {_norm(self.line)}"
 
     def predicted(self) -> Optional[str]:
         for phrase, code, _ in PREDICTED:
-            if phrase in self.line:
+            if re.search(phrase, self.line):
                 return code
         return None
 
