@@ -2,7 +2,7 @@
 
 The generator and the runner are in ``tests/fuzz_programs.py`` (see its docstring for what is
 compared). A failure prints the mismatch categories with their counts, and for each category the
-smallest failing program, delta-debugged to fewer statements, as runnable source.
+smallest failing program as runnable source (delta-debugged to fewer statements in the slow tests).
 Reproduce a campaign outside pytest with ``python tests/fuzz_programs.py --n 2000``.
 """
 
@@ -19,11 +19,13 @@ SLOW_PROGRAMS = 2000
 
 
 def _check(seeds: range, variants: tuple[fp.Variant, ...], budget: int) -> None:
+    """Run a campaign; on a mismatch, fail with the counts and the smallest program per category
+    (delta-debugged when ``budget`` > 0: up to that many re-runs per category)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bitwise comparisons: the same kernels in every run
     try:
         res = fp.campaign(seeds, variants)
-        assert not res.failed, "\n" + fp.format_result(res, minimized=True, budget=budget)
+        assert not res.failed, "\n" + fp.format_result(res, minimized=budget > 0, budget=budget)
     finally:
         torch.set_num_threads(threads)
 
@@ -55,12 +57,12 @@ def test_differential_default_detectors() -> None:
     """raise / record, every-leaf / leaf targets, default detectors: gradprobe never changes what PyTorch
     does, raises GradProbeError exactly where PyTorch would raise an error it predicts, and leaves nothing
     installed."""
-    _check(range(NORMAL_PROGRAMS), fp.DEFAULT_VARIANTS, budget=150)
+    _check(range(NORMAL_PROGRAMS), fp.DEFAULT_VARIANTS, budget=0)
 
 
 def test_differential_all_detectors() -> None:
     """The same with ``detect="all"`` (every-leaf mode only, fewer programs: the saved-tensor hooks cost more)."""
-    _check(range(10_000, 10_000 + NORMAL_ALL_PROGRAMS), fp.ALL_VARIANTS, budget=150)
+    _check(range(10_000, 10_000 + NORMAL_ALL_PROGRAMS), fp.ALL_VARIANTS, budget=0)
 
 
 @pytest.mark.slow
