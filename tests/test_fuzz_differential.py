@@ -17,11 +17,6 @@ NORMAL_PROGRAMS = 150  # ~0.1-0.2 s each on the 2-core dev machine
 NORMAL_ALL_PROGRAMS = 40
 SLOW_PROGRAMS = 2000
 
-# gradprobe fails these today in known ways (freed-graph plugin crash on advanced indexing after the graph
-# is freed, in-place detection off by default / GP301 false alarms, GP102 left for never-backwarded roots,
-# ...); fixes are in flight. Revert this commit once they land.
-known_failures = pytest.mark.xfail(reason="gradprobe trust fixes not landed yet", strict=False)
-
 
 def _check(seeds: range, variants: tuple[fp.Variant, ...], budget: int) -> None:
     """Run a campaign; on a mismatch, fail with the counts and the smallest program per category
@@ -58,7 +53,6 @@ def test_programs_exercise_pytorch_errors() -> None:
         assert res.pytorch_errors[kind] >= 3, res.pytorch_errors
 
 
-@known_failures
 def test_differential_default_detectors() -> None:
     """raise / record, every-leaf / leaf targets, default detectors: gradprobe never changes what PyTorch
     does, raises GradProbeError exactly where PyTorch would raise an error it predicts, and leaves nothing
@@ -66,19 +60,16 @@ def test_differential_default_detectors() -> None:
     _check(range(NORMAL_PROGRAMS), fp.DEFAULT_VARIANTS, budget=0)
 
 
-@known_failures
 def test_differential_all_detectors() -> None:
     """The same with ``detect="all"`` (every-leaf mode only, fewer programs: the saved-tensor hooks cost more)."""
     _check(range(10_000, 10_000 + NORMAL_ALL_PROGRAMS), fp.ALL_VARIANTS, budget=0)
 
 
 @pytest.mark.slow
-@known_failures
 def test_differential_default_detectors_many() -> None:
     _check(range(SLOW_PROGRAMS), fp.DEFAULT_VARIANTS, budget=400)
 
 
 @pytest.mark.slow
-@known_failures
 def test_differential_all_detectors_many() -> None:
     _check(range(10_000, 10_000 + SLOW_PROGRAMS // 2), fp.ALL_VARIANTS, budget=400)
