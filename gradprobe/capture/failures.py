@@ -34,7 +34,8 @@ def internal_error_finding(name: str, hook_name: str, exc: BaseException, detect
     what still holds: the other detectors run, the user's program and gradients are unchanged.
     """
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
-    ours = [f for f in frames if os.path.abspath(f.filename).startswith(_PACKAGE_DIR)] or frames
+    # the deepest gradprobe line past the plugin host's call (a torch frame says less), else the deepest
+    ours = [f for f in frames[1:] if os.path.abspath(f.filename).startswith(_PACKAGE_DIR)] or frames
     where = f" at {ours[-1].filename}:{ours[-1].lineno}" if ours else ""
     part = "detector" if detector else "component"
     return Finding(
