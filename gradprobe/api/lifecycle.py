@@ -8,11 +8,13 @@ under KeyboardInterrupt, live in the capture layer (NOTE [interrupts during clea
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from gradprobe.analysis.finals import snapshot_final
+from gradprobe.capture.lifecycle import close_suspended_mode_pops
 from gradprobe.exceptions import GradProbeError, TraceStateError
 
 if TYPE_CHECKING:
@@ -96,7 +98,11 @@ class TraceLifecycle:
             done = True
         finally:
             try:  # every owned hook comes off here, whether or not the plugins' trace_end ran
-                recorder.remove(interrupted=interrupted or not done)
+                try:
+                    if interrupted or not done:
+                        close_suspended_mode_pops(tb, sys.exc_info()[2])
+                finally:
+                    recorder.remove(interrupted=interrupted or not done)
             finally:
                 if grad is not None and torch.is_grad_enabled() != grad:
                     torch._C._set_grad_enabled(grad)

@@ -14,6 +14,11 @@ trace's ``finally`` path, whether or not any plugin's ``gradprobe_trace_end`` ra
 # Entered contexts are known to torch by identity (the function-mode stack, the saved-tensor hooks
 # stack), so a handle is registered *before* its context is entered and its removal checks what is
 # really on the stack: an interrupt between the push and the bookkeeping cannot leak the push.
+# torch itself is not interrupt-safe in one place that matters here: `handle_torch_function` pops
+# the running mode with a generator context manager (`_pop_mode_temporarily`) whose `finally`
+# pushes it back. Interrupted inside, that generator is left suspended and pushes the mode back
+# whenever it is garbage collected: after the trace removed it. `close_suspended_mode_pops` closes
+# such generators found in the interrupt's traceback first, so the mode is back before it comes off.
 # What pure Python cannot close: an interrupt raised at the very entry of `Trace.__exit__` (before
 # its `try`), inside the few bytecodes of `remove_all`'s own `except` clause, or between a
 # `register_*_hook` call returning and its handle reaching `own()` (the recorder sweeps its own
@@ -25,7 +30,9 @@ trace's ``finally`` path, whether or not any plugin's ``gradprobe_trace_end`` ra
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
+from types import TracebackType
 from typing import Any, Protocol
 
 import torch
@@ -36,6 +43,7 @@ __all__ = [
     "Removable",
     "SavedTensorsEntry",
     "TensorHookSweep",
+    "close_suspended_mode_pops",
     "enter_context",
     "remove_all",
 ]
@@ -171,3 +179,26 @@ class TensorHookSweep:
                 if hooks:
                     for key in [key for key, fn in list(hooks.items()) if self.ours(fn)]:
                         hooks.pop(key, None)
+
+
+_POP_MODE_CODE = getattr(getattr(torch.overrides, "_pop_mode_temporarily", None), "__wrapped__", None)
+_POP_MODE_CODE = getattr(_POP_MODE_CODE, "__code__", None)
+
+
+def close_suspended_mode_pops(*tracebacks: TracebackType | None) -> None:
+    """Close torch's ``_pop_mode_temporarily`` generators an interrupt left suspended in ``tracebacks``.
+
+    Closing one runs its ``finally``: the mode it popped goes back on the stack now, where the
+    trace's removal finds it, instead of whenever the generator is collected (NOTE [interrupts during cleanup]).
+    """
+    for tb in tracebacks:
+        while tb is not None:
+            manager = tb.tb_frame.f_locals.get("self")
+            gen = getattr(manager, "gen", None)
+            if (
+                isinstance(manager, contextlib._GeneratorContextManager)
+                and getattr(gen, "gi_code", None) is _POP_MODE_CODE
+                and gen.gi_frame is not None
+            ):
+                gen.close()
+            tb = tb.tb_next
