@@ -366,3 +366,35 @@ def test_interrupts_anywhere_leave_nothing_installed(monkeypatch: pytest.MonkeyP
 def test_interrupts_leave_nothing_installed_with_every_detector(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same with detect="all": every detector's global hooks come off too."""
     _interrupt_loop("all", monkeypatch)
+
+
+@pytest.mark.parametrize("exc", [ZeroDivisionError, KeyboardInterrupt])
+def test_owned_hooks_come_off_when_trace_end_raises(exc: type[BaseException]) -> None:
+    """Hooks handed to trace.own / own_context come off even when a plugin's trace_end raises (or is interrupted)."""
+
+    class Raiser:
+        gradprobe_name = "raiser"
+
+        @gradprobe.hookimpl(tryfirst=True)
+        def gradprobe_trace_end(self, trace: gradprobe.Trace) -> None:
+            raise exc("in trace_end")
+
+    model = MLP()
+    owner = _Owner(model)
+    with pytest.raises(KeyboardInterrupt) if exc is KeyboardInterrupt else _nullcontext():
+        with gradprobe.trace(model, plugins=[owner, Raiser], on_finding="record"):
+            model(torch.randn(2, 8)).sum().backward()
+    assert _left_installed(model) == []
+
+
+def test_owned_context_handle_removes_once() -> None:
+    """A plugin may remove an owned context itself; the trace's removal then pops nothing of anyone else's."""
+    model = MLP()
+    with gradprobe.trace(model) as t:
+        handle = t.own_context(torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x))
+        handle.remove()
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):  # the user's own pair
+            model(torch.randn(2, 8)).sum().backward()
+            handle.remove()
+            assert torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+    assert _left_installed(model) == []
