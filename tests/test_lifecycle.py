@@ -345,6 +345,8 @@ def _interrupt_loop(detect: str, monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if _left_installed(model):
+            _scrub(model)  # a failing run must not leave hooks to the tests after it
     assert interrupted > 150, f"only {interrupted} iterations were interrupted"
     assert windows <= 15, f"{windows} interrupts fell in the unguardable windows"  # 0-4 seen in 300
     run()  # and the next trace works
