@@ -10,6 +10,7 @@ only `loss_a`, so the head_b parameters get no gradient: DDP would fail at the n
 at that backward (GP721).
 """
 
+import gc
 import os
 import socket
 
@@ -34,10 +35,8 @@ class TwoHeads(nn.Module):
         return self.head_a(h), self.head_b(h)
 
 
-def worker(rank, world, port, results):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def traced_steps(rank):
+    """Two traced DDP steps on this rank; returns the merged trace on rank 0 (None elsewhere)."""
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = DDP(TwoHeads())
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))  # each rank its own batch
@@ -51,10 +50,24 @@ def worker(rank, world, port, results):
         loss_a = a.square().mean()
         loss_a.backward()  # head_b unused: GP721 here, DDP's error only at the next forward
 
-    merged = t.gather(dst=0)  # a collective: every rank calls it
-    if rank == 0:
-        results.put(merged)
-    dist.destroy_process_group()
+    return t.gather(dst=0)  # a collective: every rank calls it
+
+
+def worker(rank, world, port, results):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        merged = traced_steps(rank)
+        if rank == 0:
+            results.put(merged)
+        # Tear down in order: the DDP module (its reducer still holds the all-reduce the abandoned
+        # second step started) goes while the process group lives, and no rank destroys the group
+        # while the other still uses it (gloo's barrier waits for all earlier work).
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def free_port():

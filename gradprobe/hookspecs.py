@@ -27,7 +27,31 @@ Example::
 
 Hooks run in the thread that triggered them; none of them may change gradients. A hook that raises
 anything but :class:`~gradprobe.GradProbeError` is caught, reported as a ``GP000`` finding naming the
-plugin, and that plugin is switched off for the rest of the trace.
+plugin, and that plugin is switched off for the rest of the trace. (When one of gradprobe's own
+built-in plugins raises, that is gradprobe's bug: a ``GP001`` notice asks for a report instead.)
+
+# NOTE [owned handles]
+# Whatever a plugin installs (tensor or module hooks, a global module hook, saved-tensor hooks, a
+# TorchFunctionMode) it hands to the trace, and the trace takes it off in its ``finally`` path, also
+# when a plugin's ``gradprobe_trace_end`` raised or never ran and under KeyboardInterrupt:
+#
+#   ``trace.own(handle)`` -> handle: anything with an idempotent ``remove()`` (every
+#       ``torch.utils.hooks.RemovableHandle``); removed last-owned first.
+#   ``trace.own_context(cm)`` -> handle: enters a context manager now (``saved_tensors_hooks``, a
+#       ``TorchFunctionMode``, any other) and exits it at the end; ``handle.remove()`` exits it
+#       earlier, once. Never call ``cm.__exit__()`` yourself: modes and saved-tensor hooks are
+#       pushed and popped by identity, so an interrupt cannot leave them on torch's stacks.
+#
+# Hand the handle over in the same expression that makes it, and register with torch-function
+# dispatch off (the interceptor is active during the trace)::
+#
+#     @hookimpl
+#     def gradprobe_trace_start(self, trace):
+#         with torch._C.DisableTorchFunction():
+#             trace.own(torch.nn.modules.module.register_module_forward_hook(self.on_forward))
+#             self.saved = trace.own_context(torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
+#
+# A plugin's own ``gradprobe_trace_end`` may still call ``handle.remove()`` (removal is idempotent).
 """
 
 from __future__ import annotations
@@ -55,6 +79,9 @@ hookimpl = pluggy.HookimplMarker("gradprobe")
 def gradprobe_trace_start(trace: Trace) -> None:
     """The trace was entered; every hook of gradprobe's own is installed.
 
+    Install a plugin's own hooks here and hand them to the trace (``trace.own(handle)``,
+    ``trace.own_context(cm)``; NOTE [owned handles] above) so they come off whatever happens.
+
     Example: remember the optimizer state a detector compares against at the end::
 
         @hookimpl
@@ -67,11 +94,13 @@ def gradprobe_trace_start(trace: Trace) -> None:
 def gradprobe_trace_end(trace: Trace) -> None:
     """The trace is exiting; gradprobe's hooks are still installed and are removed right after.
 
-    Runs also when the traced block raised. Example::
+    Runs also when the traced block raised, but not when an interrupt cut the exit short: hooks a
+    plugin installed belong in ``trace.own(...)`` / ``trace.own_context(...)`` (NOTE [owned
+    handles] above), which come off whatever happens. Example::
 
         @hookimpl
         def gradprobe_trace_end(self, trace):
-            self.handle.remove()
+            self.summary = len(trace.records)
     """
 
 

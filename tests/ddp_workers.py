@@ -7,6 +7,7 @@ the tests then assert on them. Each scenario builds its own DistributedDataParal
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import re
 import socket
@@ -199,5 +200,11 @@ def run_all(rank: int, port: int, out: str) -> None:
             "unused": scenario_unused(rank, False),  # last: it leaves DDP's reducer broken, on purpose
         }
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        # Tear down in order (as examples/ddp_two_ranks.py): the DDP modules, one with a reducer left
+        # broken on purpose, go while the process group lives; no rank destroys the group while the
+        # other still uses it (gloo's barrier waits for all earlier work).
+        del results
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()

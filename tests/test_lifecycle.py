@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import weakref
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def _hooks_left(model: nn.Module) -> list[str]:
             left.append(f"{name}: post-accumulate hook")
     for name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
-            left.append(f"{name}: module hook")
+            left.append(f"{name}: module hook {[getattr(f, '__qualname__', f) for f in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]}")
     return left
 
 
@@ -207,3 +208,195 @@ def test_a_locals_dict_the_user_holds_is_left_alone() -> None:
         (w * 2).sum().backward()
     assert "w" in mine and mine["w"] is w
     assert t.leaves[0].name == "w"
+
+
+def _left_installed(model: nn.Module) -> list[str]:
+    """Everything gradprobe may install, process-wide, that is still installed (empty when clean)."""
+    left = _hooks_left(model)
+    if torch._C._len_torch_function_stack():
+        left.append("torch-function mode")
+    if torch.nn.modules.module._global_forward_hooks:
+        left.append("global module forward hook")
+    if torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
+        left.append("saved-tensor hooks")
+    if not torch.is_grad_enabled():
+        left.append("grad mode off")
+    return left
+
+
+def _scrub(model: nn.Module) -> None:
+    """Take off whatever an interrupt in an unguardable window left (so later iterations start clean)."""
+    while torch._C._len_torch_function_stack():
+        torch._C._pop_torch_function_stack()
+    torch.nn.modules.module._global_forward_hooks.clear()
+    while torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    for p in model.parameters():
+        p._backward_hooks = None
+        p._post_accumulate_grad_hooks = None
+    for m in model.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    torch.set_grad_enabled(True)
+
+
+# NOTE [the unguardable windows]: Python runs a signal handler at the entry of every function and
+# after every call; one that raises at the entry of Trace.__exit__ (before its `try`), inside
+# remove_all's own `except` clause, or between a `register_*_hook` call returning and `trace.own`
+# taking its handle cannot be cleaned up by pure Python (capture/lifecycle.py). The test accepts a
+# leak only when the handler saw the interrupt land exactly there, and counts those.
+_WINDOWS = {
+    ("__exit__", "lifecycle.py"),
+    ("remove_all", "lifecycle.py"),
+    ("own", "lifecycle.py"),
+    ("own", "recorder.py"),
+    ("gradprobe_trace_start", "test_lifecycle.py"),
+}
+
+
+class _Owner:
+    """A plugin installing every kind of hook through trace.own / trace.own_context, removing none itself."""
+
+    gradprobe_name = "owner"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @gradprobe.hookimpl
+    def gradprobe_trace_start(self, trace: gradprobe.Trace) -> None:
+        with torch._C.DisableTorchFunction():  # gradprobe's own calls skip the interceptor
+            trace.own(torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None))
+            trace.own(self.model.register_forward_hook(lambda m, a, o: None))
+            trace.own_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+            for p in self.model.parameters():
+                trace.own(p.register_hook(lambda g: None))
+                trace.own(p.register_post_accumulate_grad_hook(lambda p: None))
+
+    @gradprobe.hookimpl
+    def gradprobe_trace_end(self, trace: gradprobe.Trace) -> None:
+        sum(range(2000))  # some time for interrupts to land in the plugins' trace_end
+
+
+def _interrupt_loop(detect: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 steps, each cut by one KeyboardInterrupt at a different moment; nothing may stay installed."""
+    import signal
+    import time
+    import traceback
+
+    if not hasattr(signal, "setitimer"):
+        pytest.skip("needs signal.setitimer")
+    # Lenient: an interrupted backward leaves half-made records, which some detectors trip on (GP001
+    # notices, printed below); here only what stays installed is checked.
+    monkeypatch.delenv("GRADPROBE_STRICT_INTERNAL")
+    internal: set[str] = set()
+    model = MLP()
+    x = torch.randn(4, 8)
+
+    def run() -> None:
+        t = gradprobe.trace(model, detect=detect, on_finding="record", plugins=[_Owner(model)])
+        try:
+            with t:
+                model(x).pow(2).mean().backward()
+        finally:
+            internal.update(f.message.split(";")[0] for f in t.findings if f.code == "GP001")
+
+    run()  # warm-up: the first trace loads the detectors
+    times = []
+    for _ in range(9):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    duration = sorted(times)[4]
+    armed = [False]
+    landed: list[tuple[str, str, int]] = []
+    stacks: list[list[str]] = []
+    current = [0]  # the iteration running
+
+    def handler(signum: int, frame: Any) -> None:
+        if armed[0]:
+            armed[0] = False  # one interrupt per iteration
+            landed.append((frame.f_code.co_name, frame.f_code.co_filename.rsplit("/", 1)[-1], current[0]))
+            stacks.append(traceback.format_stack(frame)[-30:])
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    interrupted = windows = 0
+    seen: set[tuple[str, str]] = set()
+    try:
+        for i in range(300):
+            delay = max(duration * ((i * 37) % 300) / 300, 1e-6)  # spread over the whole step
+            armed[0], current[0] = True, i
+            try:
+                signal.setitimer(signal.ITIMER_REAL, delay)
+                run()
+                armed[0] = False
+            except KeyboardInterrupt:
+                interrupted += 1
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            armed[0] = False
+            left = _left_installed(model)
+            if left:
+                where = landed[-1] if landed and landed[-1][2] == i else None
+                assert where is not None and where[:2] in _WINDOWS, f"iteration {i}: {left} after an interrupt at {where}\n" + "".join(stacks[-1])
+                windows += 1
+                seen.add(where[:2])
+                _scrub(model)
+            model.zero_grad(set_to_none=True)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if _left_installed(model):
+            _scrub(model)  # a failing run must not leave hooks to the tests after it
+    assert interrupted > 150, f"only {interrupted} iterations were interrupted"
+    assert windows <= 15, f"{windows} interrupts fell in the unguardable windows"  # 0-4 seen in 300
+    run()  # and the next trace works
+    assert _left_installed(model) == []
+    print(f"\n{detect}: {interrupted}/300 interrupted, {windows} in unguardable windows {sorted(seen)}; GP001: {sorted(internal)}")
+
+
+_UNRAISABLE = "ignore::pytest.PytestUnraisableExceptionWarning"  # interrupts landing in weakref callbacks
+
+
+@pytest.mark.filterwarnings(_UNRAISABLE)
+def test_interrupts_anywhere_leave_nothing_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KeyboardInterrupts all over enter/forward/backward/exit leave no hook, mode, saved-tensor hook or grad-mode change."""
+    _interrupt_loop("default", monkeypatch)
+
+
+@pytest.mark.filterwarnings(_UNRAISABLE)
+@pytest.mark.xfail(reason="nonfinite_modules and inplace_saved install global hooks without trace.own yet", strict=False)
+def test_interrupts_leave_nothing_installed_with_every_detector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with detect="all": every detector's global hooks come off too."""
+    _interrupt_loop("all", monkeypatch)
+
+
+@pytest.mark.parametrize("exc", [ZeroDivisionError, KeyboardInterrupt])
+def test_owned_hooks_come_off_when_trace_end_raises(exc: type[BaseException]) -> None:
+    """Hooks handed to trace.own / own_context come off even when a plugin's trace_end raises (or is interrupted)."""
+
+    class Raiser:
+        gradprobe_name = "raiser"
+
+        @gradprobe.hookimpl(tryfirst=True)
+        def gradprobe_trace_end(self, trace: gradprobe.Trace) -> None:
+            raise exc("in trace_end")
+
+    model = MLP()
+    owner = _Owner(model)
+    with pytest.raises(KeyboardInterrupt) if exc is KeyboardInterrupt else _nullcontext():
+        with gradprobe.trace(model, plugins=[owner, Raiser], on_finding="record"):
+            model(torch.randn(2, 8)).sum().backward()
+    assert _left_installed(model) == []
+
+
+def test_owned_context_handle_removes_once() -> None:
+    """A plugin may remove an owned context itself; the trace's removal then pops nothing of anyone else's."""
+    model = MLP()
+    with gradprobe.trace(model) as t:
+        handle = t.own_context(torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x))
+        handle.remove()
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):  # the user's own pair
+            model(torch.randn(2, 8)).sum().backward()
+            handle.remove()
+            assert torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+    assert _left_installed(model) == []

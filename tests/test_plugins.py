@@ -320,3 +320,89 @@ def test_report_section_plugin_appears_in_the_report() -> None:
     t.report(Console(file=out, width=120))
     text = out.getvalue()
     assert "custom section: 1 calls" in text and text.index("No findings") < text.index("custom section")
+
+
+def _break_builtin(monkeypatch: pytest.MonkeyPatch, strict: bool) -> None:
+    """Make the built-in stale_grad detector raise in every after_backward; strict or lenient mode."""
+    from gradprobe.capture.failures import STRICT_ENV
+    from gradprobe.detectors.stale_grad import StaleGrad
+
+    @gradprobe.hookimpl
+    def gradprobe_after_backward(self: Any, trace: Any, record: Any, error: Any) -> None:
+        raise ZeroDivisionError("planted bug")
+
+    monkeypatch.setattr(StaleGrad, "gradprobe_after_backward", gradprobe_after_backward)
+    if strict:
+        monkeypatch.setenv(STRICT_ENV, "1")
+    else:
+        monkeypatch.delenv(STRICT_ENV, raising=False)
+
+
+def test_a_raising_builtin_is_one_internal_error_notice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A built-in that raises: one GP001 warning asking for a report, gradients unchanged, the others run."""
+    _break_builtin(monkeypatch, strict=False)
+    model, x = MLP(), torch.randn(5, 8)
+    step(model, x)
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with pytest.warns(gradprobe.GradProbeWarning) as caught:
+        with gradprobe.trace(model) as t:
+            step(model, x)
+            step(model, x)  # stale_grad is off by now: no second notice
+            model.zero_grad(set_to_none=True)
+            step(model, x)
+    for p, e in zip(model.parameters(), expected):
+        assert torch.equal(p.grad, e)
+    notices = [f for f in t.findings if f.code == "GP001"]
+    assert [(f.plugin, f.severity, f.kind) for f in notices] == [("stale_grad", "warning", "internal_error")]
+    message = notices[0].message
+    assert "internal error in gradprobe's stale_grad detector (ZeroDivisionError: planted bug at " in message
+    assert "test_plugins.py" in message and "gradprobe_after_backward" in message
+    assert "the gradprobe issue tracker" in message and "gradients are unchanged" in message
+    assert not [f for f in t.findings if f.code == "GP000"]
+    assert sum("GP001" in str(w.message) for w in caught) == 1
+    assert "stale_grad" not in t.plugin_names and "unreached" in t.plugin_names
+
+
+def test_a_raising_builtin_is_only_recorded_under_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """on_finding="record" keeps the GP001 notice in t.findings (and the report) without a warning."""
+    import warnings
+
+    _break_builtin(monkeypatch, strict=False)
+    model = MLP()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradprobe.trace(model, on_finding="record") as t:
+            step(model, torch.randn(5, 8))
+    assert [f.code for f in t.findings] == ["GP001"]
+    buffer = io.StringIO()
+    t.report(Console(file=buffer, width=200))
+    assert "GP001" in buffer.getvalue()
+
+
+def test_a_raising_builtin_fails_gradprobes_own_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under GRADPROBE_STRICT_INTERNAL=1 (the test suite's setting) the built-in's error is re-raised, hooks off."""
+    from test_lifecycle import _hooks_left
+
+    _break_builtin(monkeypatch, strict=True)
+    model = MLP()
+    with pytest.raises(ZeroDivisionError, match="planted bug"):
+        with gradprobe.trace(model) as t:
+            step(model, torch.randn(5, 8))
+    assert not t.active and _hooks_left(model) == []
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_the_suite_runs_strict() -> None:
+    """tests/conftest.py sets GRADPROBE_STRICT_INTERNAL=1 for the whole suite and its subprocesses."""
+    from gradprobe.capture.failures import strict_internal
+
+    assert strict_internal()
+
+
+def test_third_party_plugins_stay_lenient_under_strict() -> None:
+    """The strict switch is about gradprobe's own code: a third-party plugin's error is still a GP000 finding."""
+    model = MLP()
+    with gradprobe.trace(model, plugins=[_raiser("gradprobe_after_backward")], on_finding="record") as t:
+        step(model, torch.randn(5, 8))
+    assert [f.code for f in t.findings] == ["GP000"]

@@ -22,12 +22,13 @@ from gradprobe.analysis.breakdown import LeafBreakdown, compute_breakdown
 from gradprobe.analysis.finals import FinalGrad, snapshot_final
 from gradprobe.analysis.decompose_plugin import parse_decompose
 from gradprobe.api.assertions import TraceAssertions
+from gradprobe.api.lifecycle import TraceLifecycle
 from gradprobe.api.views import TraceViews
 from gradprobe.capture.host import PluginHost
 from gradprobe.capture.recorder import Recorder
 from gradprobe.capture.sites import user_frame
 from gradprobe.capture.targets import resolve_targets
-from gradprobe.exceptions import GradProbeError, GradProbeWarning, TraceStateError
+from gradprobe.exceptions import GradProbeError, GradProbeWarning
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -95,7 +96,7 @@ def trace(
     )
 
 
-class Trace(TraceViews, TraceAssertions):
+class Trace(TraceLifecycle, TraceViews, TraceAssertions):
     """A gradient trace; use it as a context manager (see :func:`gradprobe.trace`)."""
 
     def __init__(
@@ -250,47 +251,6 @@ class Trace(TraceViews, TraceAssertions):
                 warnings.warn_explicit(finding.format(), GradProbeWarning, site.filename, site.lineno)
             else:
                 warnings.warn(finding.format(), GradProbeWarning, stacklevel=2)
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> Trace:
-        state = self._recorder.state
-        if state != "new":
-            raise TraceStateError(
-                f"this gradprobe trace is {'already active' if state == 'active' else 'finished'}; "
-                "a trace records one block: create a new one with gradprobe.trace(...) for each `with`"
-            )
-        self._recorder.install()
-        try:
-            self._plugins.call("gradprobe_trace_start", trace=self)
-        except BaseException:
-            self._recorder.remove()
-            raise
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        pending: GradProbeError | None = None
-        recorder = self._recorder
-        try:
-            recorder.flush(everything=True)
-            self._plugins.call("gradprobe_trace_end", trace=self)
-            with torch._C.DisableTorchFunction():
-                self._finals = snapshot_final(self._ledger)
-            # The block raised: the step never finished, so end-of-trace findings are only recorded
-            # (in t.findings and the report); warning about them would bury the real error.
-            policy: Policy = self.on_finding if exc_type is None else "record"
-            for found in self._plugins.call("gradprobe_collect_findings", trace=self):
-                for finding in found:
-                    try:
-                        self._add_finding(finding, policy)
-                    except GradProbeError as error:
-                        pending = pending or error
-        finally:
-            recorder.remove()
-        if self._print_report:
-            self.report()
-        if pending is not None:
-            raise pending
 
     def muted(self) -> contextlib.AbstractContextManager[None]:
         """Run gradprobe's own autograd calls (e.g. decomposition) without recording them."""

@@ -17,6 +17,8 @@
 # never break a training step because a plugin is buggy, so hooks are called one implementation at
 # a time. GradProbeError is the one exception let through: it is how `on_finding="raise"` stops the
 # user's code at a mistake.
+
+# NOTE [internal errors] is in capture/failures.py.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Union
 import pluggy
 
 from gradprobe import hookspecs
+from gradprobe.capture.failures import internal_error_finding, strict_internal
 from gradprobe.exceptions import GradProbeError
 from gradprobe.findings import Finding
 
@@ -157,6 +160,8 @@ class PluginHost:
     ) -> None:
         self._trace = trace
         self.failures: list[Finding] = []
+        self.builtin: set[str] = set()  # names registered from BUILTIN_PLUGINS
+        self._internal: set[str] = set()  # names already reported as internal errors
         self.pm = _Manager("gradprobe")
         self.pm.add_hookspecs(hookspecs)
         chosen = _chosen_detectors(detect)
@@ -190,6 +195,8 @@ class PluginHost:
                 continue
             if self.pm.has_plugin(name):
                 raise ValueError(f"two gradprobe plugins are both named {name!r}; give one a gradprobe_name")
+            if plugin == BUILTIN_PLUGINS.get(name):
+                self.builtin.add(name)
             self._register(name, plugin, installed)
 
     def _register(self, name: str, plugin: Any, installed: bool) -> None:
@@ -250,6 +257,9 @@ class PluginHost:
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
+        if name in self.builtin:
+            self.internal_error(name, hook_name, exc)
+            return
         frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         where = f" at {frame.filename}:{frame.lineno}" if frame else ""
         self._report(
@@ -258,6 +268,22 @@ class PluginHost:
             "it is switched off for the rest of this trace",
             hook_name,
         )
+
+    def internal_error(self, name: str, hook_name: str, exc: Exception) -> None:
+        """Report a bug in gradprobe's own ``name`` (a GP001 notice, once per name; NOTE [internal errors]).
+
+        Raises:
+            Exception: ``exc`` itself, under ``GRADPROBE_STRICT_INTERNAL=1``.
+        """
+        if strict_internal():
+            raise exc
+        if name in self._internal:
+            return
+        self._internal.add(name)
+        finding = internal_error_finding(name, hook_name, exc, _is_detector(BUILTIN_PLUGINS.get(name, "")))
+        self.failures.append(finding)
+        trace = self._trace
+        trace._add_finding(finding, policy="record" if trace.on_finding == "record" else "warn")
 
     def _report(self, name: str, message: str, hook_name: str) -> None:
         finding = Finding(

@@ -1,7 +1,7 @@
 """The recorder: installs the hooks of one trace and turns what they see into ledger entries.
 
 Place in the flow: this is the capture layer's engine. It owns every hook handle (leaf tensor hooks,
-post-accumulate hooks, the interceptor mode, root prehooks), tracks which leaves are recorded, binds
+post-accumulate hooks, the interceptor mode, root prehooks, and what plugins hand it with ``own``), tracks which leaves are recorded, binds
 each hook call to the backward call it belongs to, writes parts into the :class:`Ledger`, and tells
 the plugin host about backward calls. It knows nothing of breakdowns, detectors or reports: the
 public :class:`~gradprobe.Trace` sits on top of it and is passed to plugins as their subject.
@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import torch
 
 from gradprobe.capture.calls import describe_call
-from gradprobe.capture.hooks import LeafHooks, ModeHandle
+from gradprobe.capture.hooks import LeafHooks
 from gradprobe.capture.intercept import Interceptor
+from gradprobe.capture.lifecycle import Removable, enter_context, TensorHookSweep, remove_all
 from gradprobe.capture.sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
 from gradprobe.capture.targets import LeafNamer, leaves_of_graph, tensor_label
 from gradprobe.capture.transforms import (
@@ -77,7 +78,8 @@ class Recorder:
         self.every_leaf = False
         self.muted = 0
         self.notices: set[str] = set()
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # every owned removable: core hooks, the mode, plugins' (own())
+        self.removal_errors: list[Exception] = []
         self._by_task: dict[int, BackwardRecord] = {}
         self._active: dict[int, list[BackwardRecord]] = {}  # thread ident -> running traced calls
         self._quiet_records: set[int] = set()
@@ -112,21 +114,46 @@ class Recorder:
                 self._hook(tensor, state)
             self.mode.watch_grad_reads = self.host.implemented("gradprobe_grad_read")
             self.mode.watch_writes = self.host.implemented("gradprobe_inplace_write")
-            self.mode.__enter__()
-            self._handles.append(ModeHandle(self.mode))
-        except BaseException:
-            self.remove()
+            enter_context(self._handles, self.mode)
+        except BaseException as exc:
+            self.remove(interrupted=not isinstance(exc, Exception))
             raise
 
-    def remove(self) -> None:
-        """Take every hook off (idempotent; runs in the trace's ``finally`` path)."""
+    def own(self, handle: Removable) -> Removable:
+        """Remove ``handle`` in :meth:`remove` (last owned, first removed); return it."""
+        self._handles.append(handle)
+        return handle
+
+    def own_context(self, context: Any) -> Removable:
+        """Enter ``context`` now and exit it in :meth:`remove`; return a handle whose ``remove()`` exits it once."""
+        return enter_context(self._handles, context)[0]
+
+    def remove(self, interrupted: bool = False) -> None:
+        """Take every hook off (idempotent; runs in the trace's ``finally`` path).
+
+        Args:
+            interrupted: an interruption (KeyboardInterrupt) cut the trace short; the recorder's own
+                leaf hooks are then also looked for by identity (NOTE [interrupts during cleanup]).
+
+        Raises:
+            KeyboardInterrupt: one that arrived while removing, re-raised once everything is off.
+        """
         self.state = "done"
         self._unhooked = []
-        handles, self._handles = self._handles, []
-        for handle in reversed(handles):
-            handle.remove()
-        self._by_task.clear()
-        self._active.clear()
+        try:
+            self.removal_errors += remove_all(self._handles)
+        except BaseException:
+            interrupted = True
+            raise
+        finally:
+            if interrupted:
+                remove_all([TensorHookSweep([s.leaf.tensor for s in self.ledger.leaves], self._owns_hook)])
+            self._by_task.clear()
+            self._active.clear()
+
+    def _owns_hook(self, fn: Any) -> bool:
+        owner = getattr(fn, "__self__", None)
+        return isinstance(owner, LeafHooks) and owner.recorder is self
 
     def flush(self, everything: bool = False) -> None:
         with _no_torch_function():
