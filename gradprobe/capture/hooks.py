@@ -6,7 +6,9 @@ hand what they see to the recorder's ledger (NOTE [hot path]).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
     from gradprobe.capture.recorder import Recorder
     from gradprobe.ledger.ledger import LeafState
 
-__all__ = ["LeafHooks", "ModeHandle"]
+__all__ = ["LeafHooks", "ModeHandle", "engine_call"]
 
 _current_task = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
@@ -48,6 +50,8 @@ class LeafHooks:
             record = recorder._by_task.get(task)
             if record is None:
                 record = recorder.record_for_task()
+                if record is None:  # NOTE [nested autograd.grad]
+                    return
             if record.index in recorder._quiet_records:
                 return
             state = self.state
@@ -72,3 +76,43 @@ class ModeHandle:
         mode, self._mode = self._mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
+
+
+# NOTE [nested autograd.grad]
+# A custom autograd.Function may call `torch.autograd.grad` inside its backward (an adjoint ODE
+# solver, a gradient penalty inside a Function). The interceptor never sees that call: a
+# TorchFunctionMode is popped off the stack while its `__torch_function__` runs the outer backward,
+# and the engine runs the Function's backward with that (empty) mode stack. The nested call is a new
+# graph task (`_current_graph_task_id()` differs from the outer one, and nobody bound it), and a
+# traced leaf's tensor hook fires for it, but AccumulateGrad does not run: what it computes reaches
+# `.grad` only through the outer backward's own hook call. So those hook calls are ignored: they
+# are neither parts of the outer record (which broke the exact `.grad` breakdown and, with deferred
+# statistics, left NaN parts) nor records of their own (an adjoint solver makes thousands per step).
+# A nested `torch.autograd.backward` (a reentrant checkpoint) does accumulate into `.grad`: it stays
+# a part of the traced call it runs in (NOTE [which backward a hook belongs to]).
+# Which call a hook belongs to is read from the thread's stack, by code object: the innermost frame
+# of `torch.autograd.grad` / `torch.autograd.backward`. It is nested when another such frame is
+# further out, or when the thread's outermost frame is torch's own (an engine device thread, which
+# only runs Python inside a backward). Done once per graph task; the answer is cached in `_by_task`.
+_GRAD_CODE = torch.autograd.grad.__code__
+_BACKWARD_CODE = torch.autograd.backward.__code__
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def engine_call() -> tuple[Literal["backward", "grad"] | None, bool]:
+    """The kind of the innermost autograd call on this thread's stack, and whether it is nested.
+
+    Returns ``(None, False)`` when no ``torch.autograd.grad`` / ``backward`` frame is on the stack.
+    """
+    frame: Any = sys._getframe(1)
+    kind: Literal["backward", "grad"] | None = None
+    outermost = frame
+    while frame is not None:
+        code = frame.f_code
+        if code is _GRAD_CODE or code is _BACKWARD_CODE:
+            if kind is not None:
+                return kind, True
+            kind = "grad" if code is _GRAD_CODE else "backward"
+        outermost = frame
+        frame = frame.f_back
+    return kind, kind is not None and outermost.f_code.co_filename.startswith(_TORCH_DIR)

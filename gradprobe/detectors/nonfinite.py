@@ -47,9 +47,9 @@ class NonFinite:
         names = {state.leaf.index: state.leaf.name for state in trace._ledger.leaves}
         bad_by_record: dict[int, list[str]] = {}
         for leaf, parts in facts.finite.items():
-            for record_index, finite in parts:
-                if not finite:
-                    bad_by_record.setdefault(record_index, []).append(names[leaf])
+            # a leaf is named once per record, however many parts it has there (a reentrant checkpoint)
+            for record_index in dict.fromkeys(r for r, finite in parts if not finite):
+                bad_by_record.setdefault(record_index, []).append(names[leaf])
         for record in trace.records:
             bad = bad_by_record.get(record.index)
             if bad:
@@ -126,7 +126,9 @@ class NonFiniteModules:
             # whose sum overflows float would be a false alarm; no realistic gradient does)
             with torch.no_grad(), torch._C.DisableTorchFunction():
                 flag = grad.sum()
-            self._flags.append((trace._record_for_task().index, next(self._seq), roles, flag))
+            record = trace._record_for_task()
+            if record is not None:  # None: an autograd.grad nested in a backward (NOTE [nested autograd.grad])
+                self._flags.append((record.index, next(self._seq), roles, flag))
 
         return hook
 
