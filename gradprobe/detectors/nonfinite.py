@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradprobe.capture.sites import frame_locals, user_frame
+from gradprobe.capture.transforms import functorch_active
 from gradprobe.detectors._common import ledger_facts
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
@@ -90,6 +91,7 @@ class NonFiniteModules:
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []  # everything to remove at trace end
         self._live = False
+        self._error: Exception | None = None  # raised inside a tensor hook, re-raised at collection
         self._thread: int | None = None
         self._names: dict[int, str] = {}
         # (record, seq, [(module, side), ...] of the watched tensor, flag)
@@ -146,10 +148,13 @@ class NonFiniteModules:
         # the cheapest reduction: NaN/Inf anywhere makes the sum non-finite (a finite gradient
         # whose sum overflows float would be a false alarm; no realistic gradient does)
         with torch.no_grad(), torch._C.DisableTorchFunction():
-            flag = grad.sum()
             record = trace._record_for_task()
-        if record is not None:  # None: an autograd.grad nested in a backward (NOTE [nested autograd.grad])
-            self._flags.append((record.index, next(self._seq), roles, flag))
+            if record is None:  # an autograd.grad nested in a backward (NOTE [nested autograd.grad])
+                return
+            if record.index in trace._recorder._quiet_records:  # is_grads_batched: vmapped gradients
+                return
+            flag = grad.sum()
+        self._flags.append((record.index, next(self._seq), roles, flag))
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: Any) -> None:
@@ -166,6 +171,9 @@ class NonFiniteModules:
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error  # the plugin host turns it into GP000
         if not self._flags:
             return []
         import math
@@ -220,7 +228,13 @@ class _Flagger:
         trace = self.trace()
         if grad is None or trace is None or not self.plugin._live or trace._muted:
             return
-        self.plugin.flag(trace, self.roles, grad)
+        if functorch_active():  # a gradient inside a torch.func transform: no flag
+            return
+        try:
+            self.plugin.flag(trace, self.roles, grad)
+        except Exception as exc:  # never into the user's backward: reported as GP000 when findings are collected
+            self.plugin._live = False
+            self.plugin._error = exc
 
 
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)

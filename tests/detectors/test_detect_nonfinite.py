@@ -109,3 +109,18 @@ def test_gp602_still_found_with_a_reused_leaf_input() -> None:
     (finding,) = [f for f in t.findings if f.code == "GP602"]
     assert "`m.3`" in finding.message and "`loss`" in finding.message
     assert _hooks(x) == 0
+
+
+def test_a_failing_module_hook_never_reaches_the_users_backward(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A bug inside the plugin's tensor hook: the backward and .grad are unaffected, it becomes GP000."""
+    from gradprobe.detectors.nonfinite import NonFiniteModules
+
+    def broken(self, trace, roles, grad):  # type: ignore[no-untyped-def]
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(NonFiniteModules, "flag", broken)
+    m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    with gradprobe.trace(m, detect="all", on_finding="record") as t:
+        m(torch.rand(2, 3)).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    assert [f.code for f in t.findings if f.plugin == "nonfinite_modules"] == ["GP000"]
