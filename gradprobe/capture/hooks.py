@@ -6,7 +6,9 @@ hand what they see to the recorder's ledger (NOTE [hot path]).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
     from gradprobe.capture.recorder import Recorder
     from gradprobe.ledger.ledger import LeafState
 
-__all__ = ["LeafHooks", "ModeHandle"]
+__all__ = ["LeafHooks", "engine_call"]
 
 _current_task = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
@@ -48,6 +50,8 @@ class LeafHooks:
             record = recorder._by_task.get(task)
             if record is None:
                 record = recorder.record_for_task()
+                if record is None:  # NOTE [nested autograd.grad]
+                    return
             if record.index in recorder._quiet_records:
                 return
             state = self.state
@@ -60,15 +64,3 @@ class LeafHooks:
         if not self.recorder.muted:
             with _no_torch_function():
                 self.recorder.ledger.on_accumulated(self.state, param.grad)
-
-
-class ModeHandle:
-    """Lets the interceptor mode be removed like any other hook handle."""
-
-    def __init__(self, mode: Interceptor) -> None:
-        self._mode: Interceptor | None = mode
-
-    def remove(self) -> None:
-        mode, self._mode = self._mode, None
-        if mode is not None:
-            mode.__exit__(None, None, None)

@@ -10,10 +10,12 @@ public :class:`~gradprobe.Trace` sits on top of it and is passed to plugins as t
 # `torch._C._current_graph_task_id()` is one id per backward call, shared by all its hooks, but it
 # is only assigned once the engine starts. So before running a call, the recorder registers a prehook
 # on each root's grad_fn; the root runs first, and its prehook binds the task id to the call's
-# record. A hook with a task id nobody bound belongs to a backward nested in a traced one (a
-# reentrant checkpoint) when a traced call is running on that thread or the hook runs on an engine
-# device thread, and otherwise to a backward started on a thread the interceptor cannot see (modes
-# are thread-local); that one gets a record of its own, named from what its hooks can learn.
+# record. A hook with a task id nobody bound belongs to an `autograd.grad` nested in another
+# backward (inside a custom Function's backward), whose hook calls are ignored (NOTE [nested
+# autograd.grad] in hooks.py); or to a backward nested in a traced one (a reentrant checkpoint) when
+# a traced call is running on that thread or the hook runs on an engine device thread; and otherwise
+# to a backward started on a thread the interceptor cannot see (modes are thread-local); that one
+# gets a record of its own, named from what its hooks can learn.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import torch
 
 from gradprobe.capture.calls import describe_call
-from gradprobe.capture.hooks import LeafHooks
+from gradprobe.capture.hooks import LeafHooks, engine_call
 from gradprobe.capture.intercept import Interceptor
 from gradprobe.capture.lifecycle import Removable, enter_context, TensorHookSweep, remove_all
 from gradprobe.capture.sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
@@ -55,6 +57,7 @@ __all__ = ["Recorder"]
 _no_torch_function = torch._C.DisableTorchFunction
 
 State = Literal["new", "active", "done"]
+_MAX_IGNORED = 4096  # ignored nested grad tasks kept before orphans are dropped
 
 
 class Recorder:
@@ -80,7 +83,8 @@ class Recorder:
         self.notices: set[str] = set()
         self._handles: list[Any] = []  # every owned removable: core hooks, the mode, plugins' (own())
         self.removal_errors: list[Exception] = []
-        self._by_task: dict[int, BackwardRecord] = {}
+        self._by_task: dict[int, BackwardRecord | None] = {}  # graph task -> record; None: ignored
+        self._ignored: dict[int, BackwardRecord | None] = {}  # ignored task -> the call it is nested in
         self._active: dict[int, list[BackwardRecord]] = {}  # thread ident -> running traced calls
         self._quiet_records: set[int] = set()
         self._flushing: set[int] = set()  # graph tasks with a flush callback queued
@@ -149,6 +153,7 @@ class Recorder:
             if interrupted:
                 remove_all([TensorHookSweep([s.leaf.tensor for s in self.ledger.leaves], self._owns_hook)])
             self._by_task.clear()
+            self._ignored.clear()
             self._active.clear()
 
     def _owns_hook(self, fn: Any) -> bool:
@@ -257,8 +262,7 @@ class Recorder:
             for handle in handles:
                 handle.remove()
             stack.pop()
-            for tid in [tid for tid, r in self._by_task.items() if r is record]:
-                del self._by_task[tid]
+            self._forget_nested(record)
             with _no_torch_function():
                 self.ledger.flush()  # also when the backward raised (its callbacks never ran)
             host.call("gradprobe_after_backward", trace=self.subject, record=record, error=error)
@@ -272,18 +276,40 @@ class Recorder:
     def _bind(self, record: BackwardRecord) -> None:
         self._by_task[torch._C._current_graph_task_id()] = record
 
-    def record_for_task(self) -> BackwardRecord:
-        """The record of the backward call the running hook belongs to (made on first sight if unseen)."""
+    def record_for_task(self) -> BackwardRecord | None:
+        """The record of the backward call the running hook belongs to (made on first sight if unseen).
+
+        None for an ``autograd.grad`` nested in another backward (NOTE [nested autograd.grad]): its
+        hook calls are no part of any record.
+        """
         task = torch._C._current_graph_task_id()
-        record = self._by_task.get(task)
-        if record is not None:
-            return record
+        if task in self._by_task:
+            return self._by_task[task]
         with self.ledger.lock:
-            record = self._by_task.get(task)
-            if record is None:
-                record = self._nested_record() or self._unseen_record()
-                self._by_task[task] = record
+            if task in self._by_task:
+                return self._by_task[task]
+            kind, nested = engine_call()
+            outer = self._nested_record()
+            record: BackwardRecord | None
+            if nested and kind == "grad":  # NOTE [nested autograd.grad] in hooks.py
+                record = None
+                if len(self._ignored) > _MAX_IGNORED:  # orphans (outer unseen): resolving again is cheap
+                    for tid in [tid for tid, r in self._ignored.items() if r is None]:
+                        self._by_task.pop(tid, None)
+                        del self._ignored[tid]
+                self._ignored[task] = outer
+            else:
+                record = outer or self._unseen_record(kind)
+            self._by_task[task] = record
         return record
+
+    def _forget_nested(self, record: BackwardRecord) -> None:
+        """Drop the task ids bound to ``record`` and to the grad calls nested in it (it has ended)."""
+        for tid in [tid for tid, r in self._by_task.items() if r is record]:
+            del self._by_task[tid]
+        for tid in [tid for tid, r in self._ignored.items() if r is record]:
+            self._by_task.pop(tid, None)
+            del self._ignored[tid]
 
     def _nested_record(self) -> BackwardRecord | None:
         own = self._active.get(threading.get_ident())
@@ -294,12 +320,14 @@ class Recorder:
             return running[-1]
         return None
 
-    def _unseen_record(self) -> BackwardRecord:
+    def _unseen_record(self, kind: Literal["backward", "grad"] | None = None) -> BackwardRecord:
         site = user_site(2)
         source = site.source if site else ""
-        kind: Literal["backward", "grad"] = "grad" if "grad(" in source and ".backward(" not in source else "backward"
+        if kind is None:  # no autograd call on this thread's stack (a C++ caller): guess from the line
+            kind = "grad" if "grad(" in source and ".backward(" not in source else "backward"
         name = expression_at(site, "method" if ".backward(" in source else "function")
         name = name or f"{kind}#{len(self.ledger.records)}"
         return self.ledger.add_record(
             name=name, site=site, retain_graph=False, kind=kind, thread=thread_name(), seen=False
         )
+

@@ -5,7 +5,7 @@
 # device, and the breakdown reads them back once at the end; the first backward call with a
 # non-finite part names the loss and the leaves (GP601).
 # `NonFiniteModules` (detect="all" or detect=[..., "nonfinite_modules"]) adds module attribution: a
-# global module forward hook registers plain tensor hooks on each module's inputs and outputs (not
+# global module forward hook (this thread's forwards only) registers plain tensor hooks on each module's inputs and outputs (not
 # register_full_backward_hook, which breaks on in-place ops after a module). Each tensor hook only
 # launches one reduction (the sum of the gradient) and keeps the 0-d flag on the device with a sequence number; all
 # flags are read back at once when the trace ends. The first module whose input gradient is
@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradprobe.capture.sites import user_frame
+from gradprobe.capture.sites import frame_locals, user_frame
+from gradprobe.capture.transforms import functorch_active
 from gradprobe.detectors._common import ledger_facts
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
@@ -47,9 +49,9 @@ class NonFinite:
         names = {state.leaf.index: state.leaf.name for state in trace._ledger.leaves}
         bad_by_record: dict[int, list[str]] = {}
         for leaf, parts in facts.finite.items():
-            for record_index, finite in parts:
-                if not finite:
-                    bad_by_record.setdefault(record_index, []).append(names[leaf])
+            # a leaf is named once per record, however many parts it has there (a reentrant checkpoint)
+            for record_index in dict.fromkeys(r for r, finite in parts if not finite):
+                bad_by_record.setdefault(record_index, []).append(names[leaf])
         for record in trace.records:
             bad = bad_by_record.get(record.index)
             if bad:
@@ -71,64 +73,88 @@ class NonFinite:
 
 
 class NonFiniteModules:
-    """Which module's backward first turned a finite gradient into NaN/Inf (device flags, read once)."""
+    """Which module's backward first turned a finite gradient into NaN/Inf (device flags, read once).
+
+    # NOTE [module hooks leave nothing behind]
+    # The module forward hook is process-wide (`register_module_forward_hook`), so it ignores
+    # forwards run on other threads than the trace's (their backwards are not this trace's to
+    # watch). Tensor hooks on non-leaf inputs/outputs die with their graph; a leaf input (a tensor
+    # reused every step) gets one hook per trace, whose handle is kept and removed at trace end, so
+    # a leaf ends with no hook left. A hook that outlives the trace (on a graph the user keeps) holds
+    # the trace only weakly and does nothing once the trace ended. Every handle this plugin makes is
+    # in one list, `_handles`, removed in `gradprobe_trace_end`.
+    """
 
     default = False  # a tensor hook and a reduction per module input/output
     gradprobe_name = "nonfinite_modules"
 
     def __init__(self) -> None:
-        self._handle: RemovableHandle | None = None
+        self._handles: list[RemovableHandle] = []  # everything to remove at trace end
+        self._live = False
+        self._error: Exception | None = None  # raised inside a tensor hook, re-raised at collection
+        self._thread: int | None = None
         self._names: dict[int, str] = {}
         # (record, seq, [(module, side), ...] of the watched tensor, flag)
         self._flags: list[tuple[int, int, list[tuple[str, str]], torch.Tensor]] = []
         self._watched: dict[int, tuple[Any, list[tuple[str, str]]]] = {}  # id(tensor) -> (weakref, roles)
+        self._leaves: dict[int, tuple[Any, list[tuple[str, str]]]] = {}  # the same, for leaves (whole trace)
         self._seq = itertools.count()
 
     @hookimpl
     def gradprobe_trace_start(self, trace: Trace) -> None:
         frame = user_frame(2)
         if frame is not None:
-            for var, value in list(frame.f_locals.items()):
+            for var, value in frame_locals(frame).items():
                 if isinstance(value, torch.nn.Module):
                     for qual, module in value.named_modules():
                         self._names.setdefault(id(module), f"{var}.{qual}" if qual else var)
+        self._live, self._thread = True, threading.get_ident()
+        trace_ref = weakref.ref(trace)
 
         def on_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+            trace = trace_ref()
+            if trace is None or not self._live or threading.get_ident() != self._thread:
+                return  # NOTE [module hooks leave nothing behind]
             if trace._muted or not torch.is_grad_enabled():
                 return
             if isinstance(module, _CONTAINERS):
                 return  # its inputs and outputs are its children's
             name = self._names.get(id(module)) or type(module).__name__
             with torch._C.DisableTorchFunction():  # gradprobe's own calls skip the interceptor
-                self._watch_all(trace, name, args, output)
+                self._watch_all(trace_ref, name, args, output)
 
-        self._handle = torch.nn.modules.module.register_module_forward_hook(on_forward)
+        self._handles.append(torch.nn.modules.module.register_module_forward_hook(on_forward))
 
-    def _watch_all(self, trace: Trace, name: str, args: Any, output: Any) -> None:
+    def _watch_all(self, trace_ref: Any, name: str, args: Any, output: Any) -> None:
         for side, value in (("in", args), ("out", output)):
             for tensor in _tensors(value):
                 if not tensor.requires_grad:
                     continue
                 # one hook per tensor: a module's output is usually the next module's input
-                entry = self._watched.get(id(tensor))
+                watched = self._leaves if tensor.is_leaf else self._watched
+                entry = watched.get(id(tensor))
                 if entry is not None and entry[0]() is tensor:
-                    entry[1].append((name, side))
+                    if (name, side) not in entry[1]:
+                        entry[1].append((name, side))
                     continue
                 roles = [(name, side)]
-                self._watched[id(tensor)] = (weakref.ref(tensor), roles)
-                tensor.register_hook(self._watch(trace, roles))
+                watched[id(tensor)] = (weakref.ref(tensor), roles)
+                handle = tensor.register_hook(_Flagger(self, trace_ref, roles))
+                if tensor.is_leaf:  # a non-leaf's hook goes with its graph
+                    self._handles.append(handle)
 
-    def _watch(self, trace: Trace, roles: list[tuple[str, str]]) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            if trace._muted:
+    def flag(self, trace: Trace, roles: list[tuple[str, str]], grad: torch.Tensor) -> None:
+        """Keep a device-side finiteness flag of ``grad`` (called from a tensor hook)."""
+        # the cheapest reduction: NaN/Inf anywhere makes the sum non-finite (a finite gradient
+        # whose sum overflows float would be a false alarm; no realistic gradient does)
+        with torch.no_grad(), torch._C.DisableTorchFunction():
+            record = trace._record_for_task()
+            if record is None:  # an autograd.grad nested in a backward (NOTE [nested autograd.grad])
                 return
-            # the cheapest reduction: NaN/Inf anywhere makes the sum non-finite (a finite gradient
-            # whose sum overflows float would be a false alarm; no realistic gradient does)
-            with torch.no_grad(), torch._C.DisableTorchFunction():
-                flag = grad.sum()
-            self._flags.append((trace._record_for_task().index, next(self._seq), roles, flag))
-
-        return hook
+            if record.index in trace._recorder._quiet_records:  # is_grads_batched: vmapped gradients
+                return
+            flag = grad.sum()
+        self._flags.append((record.index, next(self._seq), roles, flag))
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: Any) -> None:
@@ -136,13 +162,18 @@ class NonFiniteModules:
 
     @hookimpl
     def gradprobe_trace_end(self, trace: Trace) -> None:
+        self._live = False
         self._watched.clear()
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._leaves.clear()
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error  # the plugin host turns it into GP000
         if not self._flags:
             return []
         import math
@@ -183,6 +214,27 @@ class NonFiniteModules:
                 )
             ]
         return []
+
+
+class _Flagger:
+    """The tensor hook of one watched tensor; holds the trace weakly (NOTE [module hooks leave nothing behind])."""
+
+    __slots__ = ("plugin", "trace", "roles")
+
+    def __init__(self, plugin: NonFiniteModules, trace: Any, roles: list[tuple[str, str]]) -> None:
+        self.plugin, self.trace, self.roles = plugin, trace, roles
+
+    def __call__(self, grad: torch.Tensor | None) -> None:
+        trace = self.trace()
+        if grad is None or trace is None or not self.plugin._live or trace._muted:
+            return
+        if functorch_active():  # a gradient inside a torch.func transform: no flag
+            return
+        try:
+            self.plugin.flag(trace, self.roles, grad)
+        except Exception as exc:  # never into the user's backward: reported as GP000 when findings are collected
+            self.plugin._live = False
+            self.plugin._error = exc
 
 
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)

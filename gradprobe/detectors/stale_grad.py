@@ -10,8 +10,11 @@
 # .grad after the discriminator stepped is harmless once the next D step zeroes it.
 # Deliberate accumulation over micro-batches runs several backwards with no step in between and one
 # step after, then zero_grad(): no leaf changes between those backwards, so nothing is flagged.
+# Only backwards that accumulate count: a `torch.autograd.grad` call (a gradient penalty) writes no
+# `.grad`, so it is never "the last backward" here nor the one blamed for adding to a carried `.grad`.
 # `.grad` already non-zero when the trace started (and not reset before the first backward) is read
-# from the breakdown at the end (GP402).
+# from the breakdown at the end (GP402); its site is the backward whose part opened the leaf's first
+# epoch, i.e. the first that added to it.
 """
 
 from __future__ import annotations
@@ -26,10 +29,19 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from gradprobe.capture.calls import BackwardCall
-    from gradprobe.ledger.ledger import BackwardRecord
+    from gradprobe.ledger.ledger import BackwardRecord, PartStats
     from gradprobe.api.trace import Trace
 
 __all__ = ["StaleGrad"]
+
+
+def _last_accumulating(trace: Trace, parts: list[PartStats]) -> BackwardRecord | None:
+    """The last record among ``parts`` that added to `.grad` (not a ``torch.autograd.grad`` call)."""
+    for part in reversed(parts):
+        record = trace.records[part.record]
+        if record.accumulates:
+            return record
+    return None
 
 
 class StaleGrad:
@@ -54,10 +66,10 @@ class StaleGrad:
                 continue
             grad = tensor.grad
             after = state.after() if state.after is not None else None
-            if grad is None or grad is not after or grad._version != state.after_version or not state.parts:
+            if grad is None or grad is not after or grad._version != state.after_version:
                 continue
-            last = trace.records[state.parts[-1].record]
-            if last.site == call.site:  # the same loss again, a step later: a loop missing zero_grad()
+            last = _last_accumulating(trace, state.parts)
+            if last is not None and last.site == call.site:  # the same loss a step later: no zero_grad()
                 stale.append(state.leaf.name)
         if stale:
             self._flagged = True  # once per trace: a training loop would repeat it every step
@@ -95,7 +107,13 @@ class StaleGrad:
         if not carried:
             return []
         shown = ", ".join(f"`{n}`" for n in carried[:4]) + (f" and {len(carried) - 4} more" if len(carried) > 4 else "")
-        first = trace.records[0] if trace.records else None
+        # the backward that added to it opened the leaf's first epoch (an autograd.grad never does)
+        opened = [
+            state.epochs[0].record
+            for state in trace._ledger.leaves
+            if state.epochs and facts.carried.get(state.leaf.index, 0.0) != 0.0
+        ]
+        first = trace.records[min(opened)] if opened else None
         return [
             Finding(
                 code="GP402",
