@@ -1,4 +1,4 @@
-"""The per-leaf hooks a recorder installs, and the handle that takes its interceptor mode off.
+"""The per-leaf hooks a recorder installs, and how a hook tells which backward call it runs in.
 
 Place in the flow: capture. These are the hot path: they run once per leaf per backward and only
 hand what they see to the recorder's ledger (NOTE [hot path]).
@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 if TYPE_CHECKING:
-    from gradprobe.capture.intercept import Interceptor
     from gradprobe.capture.recorder import Recorder
     from gradprobe.ledger.ledger import LeafState
 
@@ -64,3 +63,43 @@ class LeafHooks:
         if not self.recorder.muted:
             with _no_torch_function():
                 self.recorder.ledger.on_accumulated(self.state, param.grad)
+
+
+# NOTE [nested autograd.grad]
+# A custom autograd.Function may call `torch.autograd.grad` inside its backward (an adjoint ODE
+# solver, a gradient penalty inside a Function). The interceptor never sees that call: a
+# TorchFunctionMode is popped off the stack while its `__torch_function__` runs the outer backward,
+# and the engine runs the Function's backward with that (empty) mode stack. The nested call is a new
+# graph task (`_current_graph_task_id()` differs from the outer one, and nobody bound it), and a
+# traced leaf's tensor hook fires for it, but AccumulateGrad does not run: what it computes reaches
+# `.grad` only through the outer backward's own hook call. So those hook calls are ignored: they
+# are neither parts of the outer record (which broke the exact `.grad` breakdown and, with deferred
+# statistics, left NaN parts) nor records of their own (an adjoint solver makes thousands per step).
+# A nested `torch.autograd.backward` (a reentrant checkpoint) does accumulate into `.grad`: it stays
+# a part of the traced call it runs in (NOTE [which backward a hook belongs to]).
+# Which call a hook belongs to is read from the thread's stack, by code object: the innermost frame
+# of `torch.autograd.grad` / `torch.autograd.backward`. It is nested when another such frame is
+# further out, or when the thread's outermost frame is torch's own (an engine device thread, which
+# only runs Python inside a backward). Done once per graph task; the answer is cached in `_by_task`.
+_GRAD_CODE = torch.autograd.grad.__code__
+_BACKWARD_CODE = torch.autograd.backward.__code__
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def engine_call() -> tuple[Literal["backward", "grad"] | None, bool]:
+    """The kind of the innermost autograd call on this thread's stack, and whether it is nested.
+
+    Returns ``(None, False)`` when no ``torch.autograd.grad`` / ``backward`` frame is on the stack.
+    """
+    frame: Any = sys._getframe(1)
+    kind: Literal["backward", "grad"] | None = None
+    outermost = frame
+    while frame is not None:
+        code = frame.f_code
+        if code is _GRAD_CODE or code is _BACKWARD_CODE:
+            if kind is not None:
+                return kind, True
+            kind = "grad" if code is _GRAD_CODE else "backward"
+        outermost = frame
+        frame = frame.f_back
+    return kind, kind is not None and outermost.f_code.co_filename.startswith(_TORCH_DIR)
