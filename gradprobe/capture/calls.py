@@ -43,6 +43,7 @@ class BackwardCall:
     method: bool  # called as ``tensor.backward()``
     is_grads_batched: bool = False
     frame: FrameType | None = field(default=None, repr=False)  # the user's frame that made the call
+    rejected: str | None = None  # PyTorch's error for arguments it refuses before the engine runs
 
 
 def _tensors(value: Any) -> tuple[torch.Tensor, ...] | None:
@@ -93,7 +94,39 @@ def describe_call(
         method=method,
         is_grads_batched=bool(params.get("is_grads_batched", False)),
         frame=frame,
+        rejected=_rejected(
+            roots,
+            params.get("grad_outputs" if kind == "grad" else "gradient" if method else "grad_tensors"),
+            bool(params.get("is_grads_batched", False)),
+        ),
     )
+
+
+# NOTE [arguments PyTorch refuses first]
+# Before the engine runs, `torch.autograd.backward` / `grad` build the root gradients
+# (`_make_grads`): a root that requires grad, given no gradient, must have one element ("grad can be
+# implicitly created only for scalar outputs"), and a given gradient must have the root's shape. Those
+# errors come before any node runs, so no prediction about the graph (a freed node, a stale saved
+# tensor) may pre-empt them: `rejected` says PyTorch will refuse the call, and the graph walk then
+# predicts nothing.
+def _rejected(roots: tuple[torch.Tensor, ...], grads: Any, batched: bool) -> str | None:
+    if isinstance(grads, torch.Tensor):
+        grads = (grads,)
+    given: tuple[Any, ...] = tuple(grads) if isinstance(grads, (list, tuple)) else ()
+    for i, root in enumerate(roots):
+        grad = given[i] if i < len(given) else None
+        if isinstance(grad, torch.Tensor):
+            shape = grad.shape[1:] if batched else grad.shape
+            if shape != root.shape:
+                return "Mismatch in shape"
+            if root.dtype.is_complex != grad.dtype.is_complex:
+                return "Mismatch in dtype"
+        elif root.requires_grad:
+            if root.numel() != 1:
+                return "grad can be implicitly created only for scalar outputs"
+            if not root.dtype.is_floating_point:
+                return "grad can be implicitly created only for real scalar outputs"
+    return None
 
 
 def _root_name(root: torch.Tensor, frame: FrameType | None, names: Callable[[torch.Tensor], str | None]) -> str | None:

@@ -57,7 +57,7 @@ class Stale(NamedTuple):
 class Walk:
     """The nodes a backward will run, classified once (see NOTE [saved tensors and freed nodes])."""
 
-    __slots__ = ("nodes", "live", "freed", "stale", "__weakref__")
+    __slots__ = ("nodes", "live", "freed", "stale", "first", "__weakref__")
 
     def __init__(self, nodes: list[Any]) -> None:
         self.nodes = nodes
@@ -72,6 +72,25 @@ class Walk:
                 self.freed.append(node)
             elif stale is not None:
                 self.stale.append(stale)
+        self.first = self._first_failure()
+
+    def _first_failure(self) -> Literal["freed", "stale"] | None:
+        """Which error PyTorch raises first: the failing node with the highest sequence number runs first.
+
+        # NOTE [which failing node runs first]
+        # The engine's ready queue runs the node with the highest sequence number first, and a node's
+        # inputs (next_functions) were created before it (lower numbers). So of two failing nodes, the
+        # one created later always runs first: its error is the one PyTorch raises.
+        """
+        if not self.freed and not self.stale:
+            return None
+        if not self.stale:
+            return "freed"
+        if not self.freed:
+            return "stale"
+        freed = max(sequence_nr(n) for n in self.freed)
+        stale = max(sequence_nr(s.node) for s in self.stale)
+        return "freed" if freed > stale else "stale"
 
 
 # BackwardCall -> its Walk: every detector asks in gradprobe_before_backward, one walk is done
@@ -83,9 +102,19 @@ def walk(call: BackwardCall) -> Walk:
     found = _WALKS.get(call)
     if found is None:
         roots = [r.grad_fn for r in call.roots if r.grad_fn is not None]
+        if call.rejected is not None:  # NOTE [arguments PyTorch refuses first] in calls.py
+            roots = []
         found = Walk(nodes_to_run(roots, call.inputs, accumulate=call.kind == "backward") if roots else [])
         _WALKS[call] = found
     return found
+
+
+def sequence_nr(node: Any) -> int:
+    """The node's creation number (-1 when it has none)."""
+    try:
+        return int(node._sequence_nr())
+    except Exception:
+        return -1
 
 
 def iter_nodes(roots: Iterable[Any]) -> Iterator[Any]:

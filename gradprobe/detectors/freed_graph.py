@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradprobe.capture.graph import iter_nodes, walk
+from gradprobe.capture.graph import iter_nodes, sequence_nr, walk
 from gradprobe.capture.sites import Site
 from gradprobe.detectors.freed_graph_fixes import fix_for, running_total
 from gradprobe.detectors._common import assignment_site, is_augmented, op_name, tensors_in_frame
@@ -51,12 +51,19 @@ _ACCUMULATE_GRAD = type(torch.empty(1, requires_grad=True).expand(1).grad_fn.nex
 class _Freed:
     """What one finished backward without retain_graph released."""
 
-    __slots__ = ("record", "nodes", "leaves")
+    __slots__ = ("record", "nodes", "leaves", "opaque")
 
-    def __init__(self, record: BackwardRecord | None, nodes: set[int], leaves: dict[int, tuple[Any, int]]) -> None:
+    def __init__(
+        self,
+        record: BackwardRecord | None,
+        nodes: set[int],
+        leaves: dict[int, tuple[Any, int]],
+        opaque: set[tuple[int, int]],
+    ) -> None:
         self.record = record
         self.nodes = nodes
         self.leaves = leaves  # id(leaf) -> (weakref to the leaf, its _version at that backward)
+        self.opaque = opaque  # (id, sequence number) of the CopySlices nodes it ran (NOTE [CopySlices])
 
 
 class _Prediction:
@@ -95,20 +102,59 @@ class FreedGraph:
         nodes, freed, live = found.nodes, found.freed, found.live
         if self._predicted:
             self._resolve(call, freed)
-        if freed:
+        if found.first == "freed":
             trace.emit(self._will_raise(trace, call, nodes, freed))
             return
-        if call.retain_graph or not live or found.stale:  # stale: this backward raises, frees nothing
+        opaque = {(id(n), sequence_nr(n)) for n in nodes if type(n).__name__ == "CopySlices"}
+        if opaque and found.first is None:
+            self._opaque_notice(trace, call, opaque)
+        if call.retain_graph or not (live or opaque) or found.stale:  # stale: this backward raises, frees nothing
             return
         leaves = {}
         for node in nodes:
             if type(node) is _ACCUMULATE_GRAD:
                 var = node.variable
                 leaves[id(var)] = (weakref.ref(var), var._version)
-        self._pending[call.index] = _Freed(None, {id(n) for n in live}, leaves)
+        self._pending[call.index] = _Freed(None, {id(n) for n in live}, leaves, opaque)
         frame = call.frame
         for finding in self._early_warnings(trace, call, frame, {id(n) for n in nodes}, live):
             trace.emit(finding)
+
+    def _opaque_notice(self, trace: Trace, call: BackwardCall, opaque: set[tuple[int, int]]) -> None:
+        """GP103 (info): the graph goes through an in-place-on-a-view node an earlier backward ran.
+
+        # NOTE [CopySlices]
+        # An in-place op through a view (`h[0].mul_(3.0)`) wraps its backward node in a `CopySlices`
+        # node, which exposes neither the wrapped node nor its saved tensors. After a backward without
+        # retain_graph ran it, a second backward through it raises "backward through the graph a second
+        # time" exactly when the wrapped op saved a tensor (`mul_` does, `add_` of a number does not),
+        # and nothing gradprobe can read says which. Predicting either way would be a false alarm or a
+        # false all-clear, so the detector says what it cannot see, once per line, as an info finding.
+        # Nodes are told apart by (id, sequence number): ids alone are reused once a graph dies.
+        """
+        earlier = next((e for e in reversed(self._history) if e.opaque & opaque), None)
+        if earlier is None or (call.site, "GP103") in self._warned:
+            return
+        self._warned.add((call.site, "GP103"))
+        rec = earlier.record
+        where = f" at {rec.site}" if rec is not None and rec.site is not None else ""
+        trace.emit(
+            Finding(
+                code="GP103",
+                kind="freed_graph",
+                severity="info",
+                message=(
+                    f"{_call_text(call.name, call.kind)} goes through an in-place write to a view (a CopySlices "
+                    f"node) that an earlier backward{where} ran without retain_graph; gradprobe cannot see "
+                    "whether that write saved tensors, so if PyTorch raises \"Trying to backward through the "
+                    "graph a second time\" here, this is where"
+                ),
+                site=call.site,
+                fix=f"pass retain_graph=True to the earlier backward{where}, or write out of place "
+                "(`x = x.index_put(...)` / build a new tensor) instead of through the view",
+                plugin="freed_graph",
+            )
+        )
 
     @hookimpl
     def gradprobe_after_backward(self, trace: Trace, record: BackwardRecord, error: BaseException | None) -> None:

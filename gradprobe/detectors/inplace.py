@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from gradprobe.capture.graph import Stale, walk
+from gradprobe.capture.graph import Stale, sequence_nr, walk
 from gradprobe.detectors._common import assignment_site, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
@@ -91,9 +91,9 @@ class InplaceSaved:
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
         if not any(r.grad_fn is not None for r in call.roots):
             return
-        stale = walk(call).stale
-        if stale:
-            trace.emit(self._finding(trace, call, max(stale, key=_sequence)))
+        found = walk(call)
+        if found.first == "stale":  # NOTE [which failing node runs first] in capture/graph.py
+            trace.emit(self._finding(trace, call, max(found.stale, key=lambda st: sequence_nr(st.node))))
 
     @hookimpl
     def gradprobe_trace_end(self, trace: Trace) -> None:
@@ -160,12 +160,6 @@ class InplaceSaved:
         return next((w for w in writes if expected <= w[0] < now), writes[-1])
 
 
-def _sequence(stale: Stale) -> int:
-    """The engine runs later-created nodes first: PyTorch's error names the stale node created last."""
-    try:
-        return int(stale.node._sequence_nr())
-    except Exception:
-        return -1
 
 
 def _saved_tensor(stale: Stale, now: int) -> torch.Tensor | None:

@@ -115,6 +115,8 @@ class Unreached:
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
+        if call.rejected is not None:  # PyTorch refuses the arguments first (NOTE in capture/calls.py)
+            return
         for root in call.roots:
             if root.grad_fn is not None:
                 continue
