@@ -364,7 +364,6 @@ def test_interrupts_anywhere_leave_nothing_installed(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.filterwarnings(_UNRAISABLE)
-@pytest.mark.xfail(reason="nonfinite_modules and inplace_saved install global hooks without trace.own yet", strict=False)
 def test_interrupts_leave_nothing_installed_with_every_detector(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same with detect="all": every detector's global hooks come off too."""
     _interrupt_loop("all", monkeypatch)

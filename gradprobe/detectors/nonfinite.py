@@ -30,7 +30,6 @@ from gradprobe.hookspecs import hookimpl
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from torch.utils.hooks import RemovableHandle
 
     from gradprobe.api.trace import Trace
 
@@ -82,14 +81,13 @@ class NonFiniteModules:
     # reused every step) gets one hook per trace, whose handle is kept and removed at trace end, so
     # a leaf ends with no hook left. A hook that outlives the trace (on a graph the user keeps) holds
     # the trace only weakly and does nothing once the trace ended. Every handle this plugin makes is
-    # in one list, `_handles`, removed in `gradprobe_trace_end`.
+    # handed to the trace (`trace.own`), which removes it in its `finally` path, whatever happens.
     """
 
     default = False  # a tensor hook and a reduction per module input/output
     gradprobe_name = "nonfinite_modules"
 
     def __init__(self) -> None:
-        self._handles: list[RemovableHandle] = []  # everything to remove at trace end
         self._live = False
         self._error: Exception | None = None  # raised inside a tensor hook, re-raised at collection
         self._thread: int | None = None
@@ -121,11 +119,12 @@ class NonFiniteModules:
                 return  # its inputs and outputs are its children's
             name = self._names.get(id(module)) or type(module).__name__
             with torch._C.DisableTorchFunction():  # gradprobe's own calls skip the interceptor
-                self._watch_all(trace_ref, name, args, output)
+                self._watch_all(trace, trace_ref, name, args, output)
 
-        self._handles.append(torch.nn.modules.module.register_module_forward_hook(on_forward))
+        with torch._C.DisableTorchFunction():
+            trace.own(torch.nn.modules.module.register_module_forward_hook(on_forward))
 
-    def _watch_all(self, trace_ref: Any, name: str, args: Any, output: Any) -> None:
+    def _watch_all(self, trace: Trace, trace_ref: Any, name: str, args: Any, output: Any) -> None:
         for side, value in (("in", args), ("out", output)):
             for tensor in _tensors(value):
                 if not tensor.requires_grad:
@@ -141,7 +140,7 @@ class NonFiniteModules:
                 watched[id(tensor)] = (weakref.ref(tensor), roles)
                 handle = tensor.register_hook(_Flagger(self, trace_ref, roles))
                 if tensor.is_leaf:  # a non-leaf's hook goes with its graph
-                    self._handles.append(handle)
+                    trace.own(handle)
 
     def flag(self, trace: Trace, roles: list[tuple[str, str]], grad: torch.Tensor) -> None:
         """Keep a device-side finiteness flag of ``grad`` (called from a tensor hook)."""
@@ -164,10 +163,7 @@ class NonFiniteModules:
     def gradprobe_trace_end(self, trace: Trace) -> None:
         self._live = False
         self._watched.clear()
-        self._leaves.clear()
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
+        self._leaves.clear()  # the hooks themselves are the trace's to remove (trace.own)
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
