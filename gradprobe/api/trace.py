@@ -234,6 +234,18 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
         """Add a finding and apply ``on_finding`` (this raises :class:`GradProbeError` under "raise")."""
         self._add_finding(finding, self.on_finding)
 
+    def revise(self, finding: Finding, revised: Finding) -> bool:
+        """Replace an emitted ``finding`` (the same object) by ``revised``; False when it is not there.
+
+        For plugins whose earlier finding turned out differently (a prediction that did not come
+        true is revised to an info finding). Nothing is warned or raised again.
+        """
+        for i, existing in enumerate(self._findings):
+            if existing is finding:
+                self._findings[i] = revised
+                return True
+        return False
+
     def notice_once(self, finding: Finding) -> None:
         """Emit ``finding`` unless one with the same code was already emitted by this trace."""
         notices = self._recorder.notices

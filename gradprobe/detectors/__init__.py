@@ -9,12 +9,19 @@ Finding codes (stable):
 ======  =====================  ========  =======  ==============================================================
 code    kind (plugin)          severity  default  meaning
 ======  =====================  ========  =======  ==============================================================
+GP000   (plugin host)          warning   yes      an installed or given plugin raised: it is switched off for the
+                                                  rest of the trace
+GP001   (plugin host)          warning   yes      internal error in one of gradprobe's own detectors: switched off,
+                                                  please report it (the other detectors keep running)
 GP101   freed_graph            error     yes      this backward will raise "backward through the graph a second
                                                   time": its graph holds a node an earlier backward freed
 GP102   freed_graph            warning   yes      this backward frees saved tensors another live, not yet
                                                   backwarded loss still needs: that loss's backward will raise
                                                   (downgraded to info at the end of the trace, "predicted, did
                                                   not happen", when that backward never ran)
+GP103   freed_graph            info      yes      this backward goes through an in-place write to a view
+                                                  (CopySlices) an earlier backward ran: gradprobe cannot see
+                                                  whether it saved tensors, so PyTorch may raise here
 GP201   nonleaf_grad           warning   yes      ``.grad`` read on a non-leaf that does not retain grad (None)
 GP202   nonleaf_grad           warning   yes      ahead of time: code after this backward reads ``.grad`` of such
                                                   a non-leaf

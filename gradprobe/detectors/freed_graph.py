@@ -16,7 +16,7 @@
 # GP102 is a prediction: metrics computed with grad, logging expressions and
 # torch.autograd.gradcheck build graphs nobody backwards. A prediction comes true when a later traced
 # backward has the named loss as a root or runs into a node the warned backward freed. At the end of
-# the trace every GP102 that never came true is replaced, in `trace._findings`, by an "info" copy
+# the trace every GP102 that never came true is revised (`trace.revise`) into an "info" copy
 # whose message starts "predicted, did not happen" (the GradProbeWarning issued at the time stays).
 """
 
@@ -165,14 +165,10 @@ class FreedGraph:
 
     @hookimpl
     def gradprobe_trace_end(self, trace: Trace) -> None:
-        unresolved = {id(p.finding): p.finding for p in self._predicted}
-        self._predicted.clear()
-        if unresolved:  # NOTE [predictions resolve]
-            for i, finding in enumerate(trace._findings):
-                if unresolved.pop(id(finding), None) is finding:
-                    trace._findings[i] = replace(
-                        finding, severity="info", message="predicted, did not happen: " + finding.message
-                    )
+        unresolved, self._predicted = self._predicted, []
+        for prediction in unresolved:  # NOTE [predictions resolve]
+            finding = prediction.finding
+            trace.revise(finding, replace(finding, severity="info", message="predicted, did not happen: " + finding.message))
         self._history.clear()
         self._pending.clear()
         self._backwarded.clear()
