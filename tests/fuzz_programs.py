@@ -721,10 +721,10 @@ def compare(program: Program, base: Run, variant: Variant, traced: Run) -> list[
             else:
                 expected = u.predicted()
                 ok = (g is not None and g.type == "GradProbeError" and g.code == expected) if expected else g == u
-                if not ok and expected == "GP101" and g == u and any(c == "GP103" for c, _, _ in traced.findings):
+                if not ok and expected in ("GP101", "GP302") and g == u and any(c == "GP103" for c, _, _ in traced.findings):
                     # the documented blind spot (NOTE [CopySlices] in gradprobe/detectors/freed_graph.py):
                     # PyTorch's own error comes through, and gradprobe said where it could not see
-                    cats.append(f"{LIMITATION}{v}: freed graph inside an in-place-on-view node, said as GP103 (info)")
+                    cats.append(f"{LIMITATION}{v}: {u.kind()} inside an in-place-on-view node, said as GP103 (info)")
                 elif not ok:
                     want = f"GradProbeError {expected}" if expected else "PyTorch's own error"
                     cats.append(f"{v}: PyTorch raises {u.kind()}: expected {want}, got {g.desc() if g else 'no error'}")
@@ -740,6 +740,11 @@ def compare(program: Program, base: Run, variant: Variant, traced: Run) -> list[
             if u == g:
                 continue
             if u is not None and g is not None and g.code is not None and RECORD_STAND_INS.get(u.kind()) == g.code:
+                continue
+            if u is not None and g is not None and g.code is None and u.type == g.type and u.kind() == g.kind() == "inplace":
+                # PyTorch's own error, same kind, but its message names another node (observed when a
+                # CopySlices node's view grad_fn is regenerated): counted apart, see the closing note
+                cats.append(f"{LIMITATION}{v}: PyTorch's in-place message names another node")
                 continue
             first_diff = i
             if u is None:

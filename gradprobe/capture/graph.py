@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SavedState", "Stale", "Walk", "iter_nodes", "nodes_to_run", "saved_slots", "saved_state", "walk"]
 
-SavedState = Literal["none", "live", "freed", "stale"]
+SavedState = Literal["none", "live", "freed", "stale", "maybe_freed"]
 
 _SLOTS: dict[type, tuple[str, ...]] = {}
 _CUSTOM = ("<custom>",)
@@ -57,12 +57,13 @@ class Stale(NamedTuple):
 class Walk:
     """The nodes a backward will run, classified once (see NOTE [saved tensors and freed nodes])."""
 
-    __slots__ = ("nodes", "live", "freed", "stale", "first", "__weakref__")
+    __slots__ = ("nodes", "live", "freed", "maybe_freed", "stale", "first", "__weakref__")
 
     def __init__(self, nodes: list[Any]) -> None:
         self.nodes = nodes
         self.live: list[Any] = []
         self.freed: list[Any] = []
+        self.maybe_freed: list[Any] = []  # custom Function nodes (NOTE [custom Functions after a backward])
         self.stale: list[Stale] = []
         for node in nodes:
             state, stale = _inspect(node)
@@ -70,11 +71,13 @@ class Walk:
                 self.live.append(node)
             elif state == "freed":
                 self.freed.append(node)
+            elif state == "maybe_freed":
+                self.maybe_freed.append(node)
             elif stale is not None:
                 self.stale.append(stale)
-        self.first = self._first_failure()
+        self.first = self.first_failure(self.freed)
 
-    def _first_failure(self) -> Literal["freed", "stale"] | None:
+    def first_failure(self, freed: list[Any]) -> Literal["freed", "stale"] | None:
         """Which error PyTorch raises first: the failing node with the highest sequence number runs first.
 
         # NOTE [which failing node runs first]
@@ -82,15 +85,15 @@ class Walk:
         # inputs (next_functions) were created before it (lower numbers). So of two failing nodes, the
         # one created later always runs first: its error is the one PyTorch raises.
         """
-        if not self.freed and not self.stale:
+        if not freed and not self.stale:
             return None
         if not self.stale:
             return "freed"
-        if not self.freed:
+        if not freed:
             return "stale"
-        freed = max(sequence_nr(n) for n in self.freed)
-        stale = max(sequence_nr(s.node) for s in self.stale)
-        return "freed" if freed > stale else "stale"
+        last_freed = max(sequence_nr(n) for n in freed)
+        last_stale = max(sequence_nr(s.node) for s in self.stale)
+        return "freed" if last_freed > last_stale else "stale"
 
 
 # BackwardCall -> its Walk: every detector asks in gradprobe_before_backward, one walk is done
@@ -168,7 +171,13 @@ def _inspect(node: Any) -> tuple[SavedState, Stale | None]:
     if not slots:
         return "none", None
     if slots is _CUSTOM:
-        return _slot(node, "tensors", "_raw_saved_tensors", "saved_tensors")
+        # NOTE [custom Functions after a backward]: once a backward without retain_graph ran a custom
+        # Function's node, reading its saved tensors raises whether or not it saved any, and a second
+        # backward fails only if its `backward` reads `ctx.saved_tensors`. So a released custom node
+        # is only "maybe freed": the freed_graph detector counts it when it saw the node hold saved
+        # tensors at the backward that released it.
+        state, stale = _slot(node, "tensors", "_raw_saved_tensors", "saved_tensors")
+        return ("maybe_freed" if state == "freed" else state), stale
     state: SavedState = "none"
     for name in slots:
         found, stale = _slot(node, name, "_raw_saved_" + name, "_saved_" + name)

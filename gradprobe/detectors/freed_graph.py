@@ -100,13 +100,19 @@ class FreedGraph:
             self._backwarded[id(root)] = weakref.ref(root)
         found = walk(call)
         nodes, freed, live = found.nodes, found.freed, found.live
+        first = found.first
+        if found.maybe_freed:  # NOTE [custom Functions after a backward] in capture/graph.py
+            confirmed = [n for n in found.maybe_freed if self._freed_by(n) is not None]
+            if confirmed:
+                freed = freed + confirmed
+                first = found.first_failure(freed)
         if self._predicted:
             self._resolve(call, freed)
-        if found.first == "freed":
+        if first == "freed":
             trace.emit(self._will_raise(trace, call, nodes, freed))
             return
         opaque = {(id(n), sequence_nr(n)) for n in nodes if type(n).__name__ == "CopySlices"}
-        if opaque and found.first is None:
+        if opaque and first is None:
             self._opaque_notice(trace, call, opaque)
         if call.retain_graph or not (live or opaque) or found.stale:  # stale: this backward raises, frees nothing
             return
@@ -121,23 +127,31 @@ class FreedGraph:
             trace.emit(finding)
 
     def _opaque_notice(self, trace: Trace, call: BackwardCall, opaque: set[tuple[int, int]]) -> None:
-        """GP103 (info): the graph goes through an in-place-on-a-view node an earlier backward ran.
+        """GP103 (info): the graph goes through an in-place-on-a-view node, whose saved tensors are hidden.
 
         # NOTE [CopySlices]
         # An in-place op through a view (`h[0].mul_(3.0)`) wraps its backward node in a `CopySlices`
         # node, which exposes neither the wrapped node nor its saved tensors. After a backward without
         # retain_graph ran it, a second backward through it raises "backward through the graph a second
         # time" exactly when the wrapped op saved a tensor (`mul_` does, `add_` of a number does not),
-        # and nothing gradprobe can read says which. Predicting either way would be a false alarm or a
-        # false all-clear, so the detector says what it cannot see, once per line, as an info finding.
-        # Nodes are told apart by (id, sequence number): ids alone are reused once a graph dies.
+        # and a later in-place write to a tensor it saved makes it raise "modified by an inplace
+        # operation"; nothing gradprobe can read says which. Predicting either way would be a false
+        # alarm or a false all-clear, so when a backward goes through such a node and nothing else is
+        # predicted, the detector says what it cannot see, once per line, as an info finding (naming the
+        # earlier backward that ran the node, when there was one). Nodes are told apart by (id,
+        # sequence number): ids alone are reused once a graph dies.
         """
-        earlier = next((e for e in reversed(self._history) if e.opaque & opaque), None)
-        if earlier is None or (call.site, "GP103") in self._warned:
+        if (call.site, "GP103") in self._warned:
             return
         self._warned.add((call.site, "GP103"))
-        rec = earlier.record
+        earlier = next((e for e in reversed(self._history) if e.opaque & opaque), None)
+        rec = earlier.record if earlier is not None else None
         where = f" at {rec.site}" if rec is not None and rec.site is not None else ""
+        ran = (
+            f"that an earlier backward{where} ran without retain_graph"
+            if earlier is not None
+            else "created before this backward"
+        )
         trace.emit(
             Finding(
                 code="GP103",
@@ -145,13 +159,13 @@ class FreedGraph:
                 severity="info",
                 message=(
                     f"{_call_text(call.name, call.kind)} goes through an in-place write to a view (a CopySlices "
-                    f"node) that an earlier backward{where} ran without retain_graph; gradprobe cannot see "
-                    "whether that write saved tensors, so if PyTorch raises \"Trying to backward through the "
-                    "graph a second time\" here, this is where"
+                    f"node) {ran}; PyTorch hides the tensors that write saved, so gradprobe cannot check them: "
+                    "if PyTorch raises \"Trying to backward through the graph a second time\" or \"modified by "
+                    "an inplace operation\" here, that node is where"
                 ),
                 site=call.site,
-                fix=f"pass retain_graph=True to the earlier backward{where}, or write out of place "
-                "(`x = x.index_put(...)` / build a new tensor) instead of through the view",
+                fix="if PyTorch raises here: write out of place instead of through the view (build a new "
+                "tensor, e.g. with torch.cat or torch.where), or pass retain_graph=True to the earlier backward",
                 plugin="freed_graph",
             )
         )

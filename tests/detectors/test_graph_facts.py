@@ -36,7 +36,7 @@ def test_saved_slots_are_cached_per_type() -> None:
 
 
 def test_custom_function_nodes() -> None:
-    """A custom autograd.Function that saved a tensor reads as live, then freed."""
+    """A custom autograd.Function that saved a tensor reads as live, then "maybe freed" (its backward decides)."""
 
     class Double(torch.autograd.Function):
         @staticmethod
@@ -53,9 +53,36 @@ def test_custom_function_nodes() -> None:
     y = Double.apply(a)
     assert saved_state(y.grad_fn) == "live"
     y.sum().backward()
-    assert saved_state(y.grad_fn) == "freed"
+    assert saved_state(y.grad_fn) == "maybe_freed"
     with pytest.raises(RuntimeError, match="second time"):
         y.sum().backward()
+
+
+def test_released_custom_function_that_saved_nothing_runs_again() -> None:
+    """A custom Function that saved nothing also reads "maybe freed" after a backward, yet runs again.
+
+    This is why a released custom node alone never makes gradprobe predict GP101.
+    """
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def]
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[no-untyped-def]
+            return g * 2
+
+    a = torch.rand(3, requires_grad=True)
+    y = Scale.apply(a)
+    y.sum().backward()
+    assert saved_state(y.grad_fn) == "maybe_freed"
+    y.sum().backward()
+    a.grad = None
+    with gradprobe.trace(on_finding="raise"):
+        z = Scale.apply(a)
+        z.sum().backward()
+        z.sum().backward()  # no GP101: PyTorch runs it
 
 
 def test_no_references_to_the_graph_after_exit() -> None:
