@@ -721,7 +721,7 @@ def compare(program: Program, base: Run, variant: Variant, traced: Run) -> list[
             else:
                 expected = u.predicted()
                 ok = (g is not None and g.type == "GradProbeError" and g.code == expected) if expected else g == u
-                if not ok and expected in ("GP101", "GP302") and g == u and any(c == "GP103" for c, _, _ in traced.findings):
+                if not ok and expected in ("GP101", "GP302") and g is not None and g.code is None and g.kind() == u.kind() and any(c == "GP103" for c, _, _ in traced.findings):
                     # the documented blind spot (NOTE [CopySlices] in gradprobe/detectors/freed_graph.py):
                     # PyTorch's own error comes through, and gradprobe said where it could not see
                     cats.append(f"{LIMITATION}{v}: {u.kind()} inside an in-place-on-view node, said as GP103 (info)")

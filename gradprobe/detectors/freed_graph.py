@@ -15,9 +15,10 @@
 # NOTE [predictions resolve]
 # GP102 is a prediction: metrics computed with grad, logging expressions and
 # torch.autograd.gradcheck build graphs nobody backwards. A prediction comes true when a later traced
-# backward has the named loss as a root or runs into a node the warned backward freed. At the end of
-# the trace every GP102 that never came true is revised (`trace.revise`) into an "info" copy
-# whose message starts "predicted, did not happen" (the GradProbeWarning issued at the time stays).
+# backward runs into a node the warned backward freed. It is refuted when the named loss is
+# backwarded without meeting such a node (`inputs=` pruned them away), or when the trace ends first:
+# then it is revised (`trace.revise`) into an "info" copy whose message starts "predicted, did not
+# happen" (the GradProbeWarning issued at the time stays).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class FreedGraph:
                 freed = freed + confirmed
                 first = found.first_failure(freed)
         if self._predicted:
-            self._resolve(call, freed)
+            self._resolve(trace, call, freed)
         if first == "freed":
             trace.emit(self._will_raise(trace, call, nodes, freed))
             return
@@ -181,21 +182,35 @@ class FreedGraph:
     def gradprobe_trace_end(self, trace: Trace) -> None:
         unresolved, self._predicted = self._predicted, []
         for prediction in unresolved:  # NOTE [predictions resolve]
-            finding = prediction.finding
-            trace.revise(finding, replace(finding, severity="info", message="predicted, did not happen: " + finding.message))
+            self._did_not_happen(trace, prediction)
         self._history.clear()
         self._pending.clear()
         self._backwarded.clear()
 
-    def _resolve(self, call: BackwardCall, freed: list[Any]) -> None:
-        """Drop the GP102 predictions this backward fulfils: it backwards the named loss, or meets a freed node."""
+    def _resolve(self, trace: Trace, call: BackwardCall, freed: list[Any]) -> None:
+        """Settle the GP102 predictions this backward decides.
+
+        It fulfils one when it meets a node that prediction said would be freed. It refutes one when
+        it backwards the named loss without meeting such a node (``inputs=`` pruned the freed part
+        away, say): that prediction is revised to info at once.
+        """
         roots = {id(r): r for r in call.roots}
         freed_ids = {id(n) for n in freed}
-        self._predicted = [
-            p
-            for p in self._predicted
-            if not ((root := roots.get(p.other_id)) is not None and root is p.other() or p.nodes & freed_ids)
-        ]
+        kept = []
+        for p in self._predicted:
+            if p.nodes & freed_ids:
+                continue  # came true
+            root = roots.get(p.other_id)
+            if root is not None and root is p.other():
+                self._did_not_happen(trace, p)
+                continue
+            kept.append(p)
+        self._predicted = kept
+
+    @staticmethod
+    def _did_not_happen(trace: Trace, prediction: _Prediction) -> None:
+        finding = prediction.finding
+        trace.revise(finding, replace(finding, severity="info", message="predicted, did not happen: " + finding.message))
 
     # -- GP101: this backward will raise -------------------------------------------------------
 
