@@ -49,12 +49,13 @@ TARGETS = {
 
 
 class _PassThrough:
-    """Stands in for a Trace behind gradprobe's own interceptor: backward calls just run."""
+    """Stands in for a Recorder behind gradprobe's own interceptor: backward calls just run."""
 
-    _plugins = None
+    host = None
+    subject = None
 
     @staticmethod
-    def _run_backward(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def run_backward(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return func(*args, **kwargs)
 
 
