@@ -13,8 +13,8 @@ import torch
 
 import fuzz_programs as fp
 
-NORMAL_PROGRAMS = 150  # ~0.1-0.2 s each on the 2-core dev machine
-NORMAL_ALL_PROGRAMS = 40
+NORMAL_PROGRAMS = 250  # ~0.1-0.2 s each on the 2-core dev machine
+NORMAL_ALL_PROGRAMS = 60
 SLOW_PROGRAMS = 2000
 
 
