@@ -436,7 +436,8 @@ def test_derived_part_gram_matches_computed():
             (a + b + c).backward()
     first, second = t.splits()[:2]
     assert first.derived is None and second.derived == "b"
-    assert len([f for f in t.findings if f.kind == "conflict"]) == 1  # one finding for both backwards
+    conflicts = [(f.data["split"], f.data["losses"]) for f in t.findings if f.kind == "conflict"]
+    assert conflicts == [("decomposed", ["a", "b"])], t.findings  # one finding for both backwards
     for x1, x2 in zip(first.leaves, second.leaves):
         for r1, r2 in zip(x1.gram, x2.gram):
             assert r1 == pytest.approx(r2, rel=1e-4, abs=1e-9)
