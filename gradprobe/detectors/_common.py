@@ -154,3 +154,16 @@ def is_augmented(frame: FrameType | None, name: str) -> bool:
         return False
     pattern = re.compile(rf"\b{re.escape(name)}\s*[-+*/]=")
     return any(pattern.search(line) for line in linecache.getlines(frame.f_code.co_filename))
+
+
+def node_owner(
+    frame: FrameType | None, node: Any, locals_: dict[str, torch.Tensor]
+) -> tuple[str | None, Site | None]:
+    """The local variable whose ``grad_fn`` is ``node`` (from ``locals_``), and the line that assigned it."""
+    name = next((n for n, t in locals_.items() if t.grad_fn is node), None)
+    return name, (assignment_site(frame, name) if name else None)
+
+
+def call_text(name: str, kind: str) -> str:
+    """A backward call as the user wrote it: ``loss.backward()`` or ``autograd.grad(loss, ...)``."""
+    return f"`{name}.backward()`" if kind == "backward" else f"`autograd.grad({name}, ...)`"

@@ -33,7 +33,7 @@ import torch
 from gradprobe.capture.graph import iter_nodes, sequence_nr, walk
 from gradprobe.capture.sites import Site
 from gradprobe.detectors.freed_graph_fixes import fix_for, running_total
-from gradprobe.detectors._common import assignment_site, is_augmented, op_name, tensors_in_frame
+from gradprobe.detectors._common import call_text, is_augmented, node_owner, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
@@ -159,7 +159,7 @@ class FreedGraph:
                 kind="freed_graph",
                 severity="info",
                 message=(
-                    f"{_call_text(call.name, call.kind)} goes through an in-place write to a view (a CopySlices "
+                    f"{call_text(call.name, call.kind)} goes through an in-place write to a view (a CopySlices "
                     f"node) {ran}; PyTorch hides the tensors that write saved, so gradprobe cannot check them: "
                     "if PyTorch raises \"Trying to backward through the graph a second time\" or \"modified by "
                     "an inplace operation\" here, that node is where"
@@ -233,21 +233,20 @@ class FreedGraph:
         top = frontier[0] if frontier else freed[0]
         earlier = self._freed_by(top)
         locals_ = tensors_in_frame(frame)
-        shared_name = next((name for name, t in locals_.items() if t.grad_fn is top), None)
-        created = assignment_site(frame, shared_name) if shared_name else None
+        shared_name, created = node_owner(frame, top, locals_)
         what = f"`{shared_name}` ({op_name(top)})" if shared_name else op_name(top)
         by = "an earlier backward that gradprobe did not see"
         related: list[RelatedSite] = []
         if earlier is not None and earlier.record is not None:
             rec = earlier.record
-            by = _call_text(rec.name, rec.kind)
+            by = call_text(rec.name, rec.kind)
             if rec.site is not None:
                 by += f" at {rec.site}"
                 related.append(RelatedSite(rec.site.filename, rec.site.lineno, "freed the saved tensors (no retain_graph)"))
         if created is not None:
             related.append(RelatedSite(created.filename, created.lineno, f"created {what}"))
         message = (
-            f"{_call_text(call.name, call.kind)} will raise \"Trying to backward through the graph a second time\": its graph "
+            f"{call_text(call.name, call.kind)} will raise \"Trying to backward through the graph a second time\": its graph "
             f"goes through {what}, whose saved tensors {by} already freed"
         )
         fix = fix_for(trace, call, frame, earlier, top, shared_name, locals_)
@@ -298,16 +297,15 @@ class FreedGraph:
 
     def _warning(self, call: BackwardCall, frame: FrameType | None, other: str, shared: Any) -> Finding:
         locals_ = tensors_in_frame(frame)
-        shared_name = next((n for n, t in locals_.items() if t.grad_fn is shared), None)
+        shared_name, created = node_owner(frame, shared, locals_)
         what = f"`{shared_name}` ({op_name(shared)})" if shared_name else op_name(shared)
-        created = assignment_site(frame, shared_name) if shared_name else None
         related = [RelatedSite(created.filename, created.lineno, f"created {what}")] if created else []
         return Finding(
             code="GP102",
             kind="freed_graph",
             severity="warning",
             message=(
-                f"{_call_text(call.name, call.kind)} frees the saved tensors of {what}, which `{other}` still needs: "
+                f"{call_text(call.name, call.kind)} frees the saved tensors of {what}, which `{other}` still needs: "
                 f"a later `{other}.backward()` will raise \"Trying to backward through the graph a second time\""
             ),
             site=call.site,
@@ -321,7 +319,3 @@ class FreedGraph:
             plugin="freed_graph",
             data={"other": other, "node": type(shared).__name__},
         )
-
-
-def _call_text(name: str, kind: str) -> str:
-    return f"`{name}.backward()`" if kind == "backward" else f"`autograd.grad({name}, ...)`"

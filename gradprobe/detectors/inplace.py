@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from gradprobe.capture.graph import Stale, sequence_nr, walk
-from gradprobe.detectors._common import assignment_site, op_name, tensors_in_frame
+from gradprobe.detectors._common import call_text, node_owner, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
@@ -111,8 +111,7 @@ class InplaceSaved:
         name = _tensor_name(trace, tensor, locals_)
         shape = f" {list(tensor.shape)}" if tensor is not None else ""
         what = f"`{name}`{shape}" if name else f"a tensor{shape}"
-        node_name = next((n for n, t in locals_.items() if t.grad_fn is stale.node), None)
-        created = assignment_site(frame, node_name) if node_name else None
+        node_name, created = node_owner(frame, stale.node, locals_)
         related: list[RelatedSite] = []
         if write is not None:
             _, site, func, optimizer = write
@@ -130,7 +129,7 @@ class InplaceSaved:
             related.append(RelatedSite(created.filename, created.lineno, f"created `{node_name}` ({op_name(stale.node)})"))
         versions = f" (version {expected} -> {now})" if match else ""
         message = (
-            f"{_call_text(call)} will raise \"one of the variables needed for gradient computation has been "
+            f"{call_text(call.name, call.kind)} will raise \"one of the variables needed for gradient computation has been "
             f"modified by an inplace operation\": {what}, saved for backward by {op_name(stale.node)}, was written "
             f"in place by {by}{versions}"
         )
@@ -201,10 +200,6 @@ def _tensor_name(trace: Trace, tensor: torch.Tensor | None, locals_: dict[str, t
 
 def _func_name(func: Callable[..., Any]) -> str:
     return getattr(func, "__name__", None) or str(func)
-
-
-def _call_text(call: BackwardCall) -> str:
-    return f"`{call.name}.backward()`" if call.kind == "backward" else f"`autograd.grad({call.name}, ...)`"
 
 
 def _fix(func: Callable[..., Any], known: str | None, optimizer: bool, source: str = "") -> str:
