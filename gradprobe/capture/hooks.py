@@ -6,11 +6,12 @@ hand what they see to the recorder's ledger (NOTE [hot path]).
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+from gradprobe.capture.sites import TORCH_DIR
 
 if TYPE_CHECKING:
     from gradprobe.capture.recorder import Recorder
@@ -83,7 +84,6 @@ class LeafHooks:
 # only runs Python inside a backward). Done once per graph task; the answer is cached in `_by_task`.
 _GRAD_CODE = torch.autograd.grad.__code__
 _BACKWARD_CODE = torch.autograd.backward.__code__
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def engine_call() -> tuple[Literal["backward", "grad"] | None, bool]:
@@ -102,4 +102,4 @@ def engine_call() -> tuple[Literal["backward", "grad"] | None, bool]:
             kind = "grad" if code is _GRAD_CODE else "backward"
         outermost = frame
         frame = frame.f_back
-    return kind, kind is not None and outermost.f_code.co_filename.startswith(_TORCH_DIR)
+    return kind, kind is not None and outermost.f_code.co_filename.startswith(TORCH_DIR)

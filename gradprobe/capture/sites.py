@@ -19,9 +19,9 @@ import torch
 
 from gradprobe.findings import Site
 
-__all__ = ["Site", "expression_at", "frame_locals", "name_in_frame", "site_of", "user_frame", "user_site"]
+__all__ = ["TORCH_DIR", "Site", "expression_at", "frame_locals", "name_in_frame", "site_of", "user_frame", "user_site"]
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # torch's own frames are never the user's
 _GRADPROBE_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep  # the whole package
 _STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
 _STDLIB_PLUMBING = tuple(
@@ -31,7 +31,7 @@ _STDLIB_PLUMBING = tuple(
 
 @functools.lru_cache(maxsize=4096)
 def _is_internal(filename: str) -> bool:
-    if filename.startswith((_TORCH_DIR, _GRADPROBE_DIR)):
+    if filename.startswith((TORCH_DIR, _GRADPROBE_DIR)):
         return True
     return filename.startswith(("<frozen", *_STDLIB_PLUMBING))
 
