@@ -67,7 +67,7 @@ class TraceLifecycle:
         finally:
             if not entered:
                 try:
-                    self._recorder.remove(interrupted=True)
+                    self._recorder.remove_retrying(interrupted=True)
                 finally:
                     torch._C._set_grad_enabled(grad)
 
@@ -102,7 +102,7 @@ class TraceLifecycle:
                     if interrupted or not done:
                         close_suspended_mode_pops(tb, sys.exc_info()[2])
                 finally:
-                    recorder.remove(interrupted=interrupted or not done)
+                    recorder.remove_retrying(interrupted=interrupted or not done)
             finally:
                 if grad is not None and torch.is_grad_enabled() != grad:
                     torch._C._set_grad_enabled(grad)

@@ -33,7 +33,7 @@ import torch
 from gradprobe.capture.calls import describe_call
 from gradprobe.capture.hooks import LeafHooks, engine_call
 from gradprobe.capture.intercept import Interceptor
-from gradprobe.capture.lifecycle import Removable, enter_context, TensorHookSweep, remove_all
+from gradprobe.capture.lifecycle import Removable, TensorHookSweep, enter_context, remove_all
 from gradprobe.capture.sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
 from gradprobe.capture.targets import LeafNamer, leaves_of_graph, tensor_label
 from gradprobe.capture.transforms import (
@@ -155,6 +155,16 @@ class Recorder:
             self._by_task.clear()
             self._ignored.clear()
             self._active.clear()
+
+    def remove_retrying(self, interrupted: bool = False) -> None:
+        """:meth:`remove`, run again when an interruption lands in it, even at its very first bytecode.
+
+        The trace's ``__enter__`` / ``__exit__`` call this from their ``finally`` path: a signal
+        handler may raise at the entry of ``remove`` itself, before any of its own guards run, and
+        :func:`remove_all` retries it (NOTE [interrupts during cleanup]). Re-raises the interruption
+        once everything is off.
+        """
+        self.removal_errors += remove_all([_Removal(self, interrupted)])
 
     def _owns_hook(self, fn: Any) -> bool:
         owner = getattr(fn, "__self__", None)
@@ -331,3 +341,16 @@ class Recorder:
             name=name, site=site, retain_graph=False, kind=kind, thread=thread_name(), seen=False
         )
 
+
+class _Removal:
+    """One :meth:`Recorder.remove` as a removable for :func:`remove_all`; a retry after an interruption sweeps."""
+
+    __slots__ = ("recorder", "interrupted")
+
+    def __init__(self, recorder: Recorder, interrupted: bool) -> None:
+        self.recorder = recorder
+        self.interrupted = interrupted
+
+    def remove(self) -> None:
+        interrupted, self.interrupted = self.interrupted, True  # any retry comes after an interruption
+        self.recorder.remove(interrupted=interrupted)
