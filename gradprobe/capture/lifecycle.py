@@ -19,6 +19,8 @@ trace's ``finally`` path, whether or not any plugin's ``gradprobe_trace_end`` ra
 # pushes it back. Interrupted inside, that generator is left suspended and pushes the mode back
 # whenever it is garbage collected: after the trace removed it. `close_suspended_mode_pops` closes
 # such generators found in the interrupt's traceback first, so the mode is back before it comes off.
+# The trace calls `Recorder.remove` itself under `remove_all` (`Recorder.remove_retrying`), so an
+# interrupt at the entry of `remove`, before any of its guards, only makes it run again.
 # What pure Python cannot close: an interrupt raised at the very entry of `Trace.__exit__` (before
 # its `try`), inside the few bytecodes of `remove_all`'s own `except` clause, or between a
 # `register_*_hook` call returning and its handle reaching `own()` (the recorder sweeps its own
