@@ -44,7 +44,7 @@ def test_scaled_backward_is_reported_unscaled(dtype: torch.dtype) -> None:
     with gradprobe.trace(model, on_finding="record") as t:
         _step(model, scaler, opt, clip_first=False, dtype=dtype)
     assert not t.findings
-    amp = t._plugins.pm.get_plugin("amp")
+    amp = t._plugins.get_plugin("amp")
     assert list(amp.scales) == [0] and float(amp.scales[0]) == scaler.get_scale()
     m2, s2, o2 = _setup()
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
@@ -88,7 +88,7 @@ def test_no_scaler_no_section() -> None:
     with gradprobe.trace(model, on_finding="record") as t:
         model(torch.randn(3, 4)).pow(2).mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    assert not t._plugins.pm.get_plugin("amp").scales and not t.findings
+    assert not t._plugins.get_plugin("amp").scales and not t.findings
     console = Console(file=io.StringIO(), width=120)
     t.report(console)
     assert "AMP" not in console.file.getvalue()
@@ -101,4 +101,4 @@ def test_disabled_scaler_is_not_scaling() -> None:
     with gradprobe.trace(model, on_finding="record") as t:
         scaler.scale(model(torch.randn(3, 4)).pow(2).mean()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    assert not t._plugins.pm.get_plugin("amp").scales and not t.findings
+    assert not t._plugins.get_plugin("amp").scales and not t.findings

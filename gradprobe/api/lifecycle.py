@@ -8,6 +8,8 @@ under KeyboardInterrupt, live in the capture layer (NOTE [interrupts during clea
 
 from __future__ import annotations
 
+import gc
+
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -77,7 +79,9 @@ class TraceLifecycle:
         interrupted = done = False
         pending: GradProbeError | None = None
         recorder = self._recorder
+        collecting = gc.isenabled()
         try:
+            gc.disable()  # NOTE [no collections while hooking] in capture/lifecycle.py
             # An interruption (Ctrl-C) in the block may have cut a no_grad() region of gradprobe's
             # hooks short: grad mode goes back to what it was at __enter__, else to what it is now.
             interrupted = exc_type is not None and not issubclass(exc_type, Exception)
@@ -104,6 +108,8 @@ class TraceLifecycle:
                 finally:
                     recorder.remove_retrying(interrupted=interrupted or not done)
             finally:
+                if collecting:
+                    gc.enable()
                 if grad is not None and torch.is_grad_enabled() != grad:
                     torch._C._set_grad_enabled(grad)
         for error in recorder.removal_errors:

@@ -25,6 +25,7 @@ from gradprobe.api.assertions import TraceAssertions
 from gradprobe.api.lifecycle import TraceLifecycle
 from gradprobe.api.views import TraceViews
 from gradprobe.capture.host import PluginHost
+from gradprobe.capture.lifecycle import gc_paused
 from gradprobe.capture.recorder import Recorder
 from gradprobe.capture.sites import user_frame
 from gradprobe.capture.targets import resolve_targets
@@ -129,9 +130,10 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
         self._recorder = recorder = Recorder(keep, self)
         recorder.every_leaf = not targets
         frame = user_frame(_frame_depth)
-        for tensor, name, module in resolve_targets(targets, frame, recorder.serial):
-            recorder.track(tensor, name, module)
-        self._plugins = PluginHost(self, plugins, disable, detect)
+        with gc_paused():  # NOTE [no collections while hooking] in capture/lifecycle.py
+            for tensor, name, module in resolve_targets(targets, frame, recorder.serial):
+                recorder.track(tensor, name, module)
+            self._plugins = PluginHost(self, plugins, disable, detect)
         recorder.host = self._plugins
 
     # -- what plugins read: the recorder's state, under the names plugins have always used -----

@@ -53,7 +53,7 @@ class TraceViews:
         return plot_split(splits[split], path)
 
     def _decomposer(self) -> Any:
-        plugin = self._plugins.pm.get_plugin("decompose")
+        plugin = self._plugins.get_plugin("decompose")
         if plugin is None:
             raise RuntimeError("the 'decompose' plugin is disabled in this trace (trace(disable=['decompose']))")
         return plugin

@@ -1,9 +1,17 @@
 """The plugin manager a trace talks to.
 
-# NOTE [one manager per trace]
-# Each Trace owns a fresh pluggy.PluginManager: plugins given as classes are instantiated for that
-# trace (per-trace state lives on the instance, never on a class or module), and a plugin that
-# fails is unregistered from that trace only. Entry points are discovered once per process.
+# NOTE [one dispatch table per trace, one pluggy registration per plugin set]
+# Each Trace gets its own plugin instances: plugins given as classes are instantiated for that trace
+# (per-trace state lives on the instance, never on a class or module), and a plugin that fails is
+# switched off for that trace only. Registering them with a fresh pluggy.PluginManager at every trace
+# cost ~1 ms (pluggy inspects and validates every attribute of every plugin), and a trace may be
+# entered every training step or every test. So pluggy registers and validates a plugin set once per
+# process: the first trace with a given set (the same names and the same classes, modules or import
+# specs, in the same order) registers it with pluggy and keeps a *recipe* -- per hook, which
+# plugin's which attribute pluggy would call, in pluggy's order (tryfirst/trylast honoured). Later
+# traces with that set only instantiate the classes and look the attributes up. A set holding a
+# plugin *instance* (`trace(plugins=[obj])`) is not cached: its attributes could change between
+# traces, so it goes through pluggy each time. Entry points are discovered once per process.
 
 # NOTE [discovering installed plugins]
 # Entry points of the "gradprobe" group are read and loaded once per process (reading package
@@ -121,18 +129,37 @@ def _entry_point_plugins() -> list[tuple[str, Any, str | None]]:
     return _entry_point_cache
 
 
+_LOADED: dict[str, Any] = {}  # import spec -> the class or module it names (built-ins; once per process)
+
+
 def _load(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, attr) if attr else module
+    found = _LOADED.get(spec)
+    if found is None:
+        module_name, _, attr = spec.partition(":")
+        module = importlib.import_module(module_name)
+        found = _LOADED[spec] = getattr(module, attr) if attr else module
+    return found
 
 
 def _is_detector(spec: str) -> bool:
     return spec.startswith("gradprobe.detectors.")
 
 
+_DEFAULT_DETECTORS: set[str] | None = None
+
+
 def _chosen_detectors(detect: Detect) -> set[str]:
     """Names of the built-in detectors ``trace(detect=...)`` selects."""
+    global _DEFAULT_DETECTORS
+    if detect == "default" and _DEFAULT_DETECTORS is not None:
+        return set(_DEFAULT_DETECTORS)
+    chosen = _choose_detectors(detect)
+    if detect == "default":
+        _DEFAULT_DETECTORS = set(chosen)
+    return chosen
+
+
+def _choose_detectors(detect: Detect) -> set[str]:
     detectors = {name: spec for name, spec in BUILTIN_PLUGINS.items() if _is_detector(spec)}
     if detect == "all":
         return set(detectors)
@@ -152,6 +179,27 @@ def _plugin_name(plugin: Any) -> str:
     return str(name or type(plugin).__name__)
 
 
+class _Impl:
+    """One hook implementation of one plugin instance, as the host calls it."""
+
+    __slots__ = ("plugin_name", "function", "argnames")
+
+    def __init__(self, plugin_name: str, function: Any, argnames: tuple[str, ...]) -> None:
+        self.plugin_name = plugin_name
+        self.function = function
+        self.argnames = argnames
+
+
+# A plugin set's recipe: per hook name, ``(candidate position, attribute name, argnames)`` in call order.
+_Recipe = dict[str, list[tuple[int, str, tuple[str, ...]]]]
+# (name, class / module / import spec) per candidate -> its recipe (NOTE [one dispatch table per trace ...])
+_RECIPES: dict[tuple[tuple[str, Any], ...], _Recipe] = {}
+
+
+def _cacheable(plugin: Any) -> bool:
+    return isinstance(plugin, (str, ModuleType)) or inspect.isclass(plugin)
+
+
 class PluginHost:
     """Registers the built-in, entry-point and explicit plugins of one trace and calls them safely."""
 
@@ -162,8 +210,8 @@ class PluginHost:
         self.failures: list[Finding] = []
         self.builtin: set[str] = set()  # names registered from BUILTIN_PLUGINS
         self._internal: set[str] = set()  # names already reported as internal errors
-        self.pm = _Manager("gradprobe")
-        self.pm.add_hookspecs(hookspecs)
+        self._plugins: dict[str, Any] = {}  # name -> instance, in call order
+        self._impls: dict[str, list[_Impl]] = {}  # hook name -> implementations, in call order
         chosen = _chosen_detectors(detect)
         # (name, plugin, installed?) in call order: built-ins, then installed plugins, then trace(plugins=...)
         candidates: list[tuple[str, Any, bool]] = [
@@ -189,18 +237,27 @@ class PluginHost:
         for name, error in broken.items():
             if name not in disabled:
                 self._report(name, f"installed gradprobe plugin {name!r} {error}; it is left out", "load")
-        # pluggy calls the last registered first: register in reverse so hooks run in candidate order.
-        for name, plugin, installed in reversed(candidates):
-            if name in disabled:
-                continue
-            if self.pm.has_plugin(name):
+        candidates = [c for c in candidates if c[0] not in disabled]
+        seen: set[str] = set()
+        for name, _, _ in candidates:
+            if name in seen:
                 raise ValueError(f"two gradprobe plugins are both named {name!r}; give one a gradprobe_name")
+            seen.add(name)
+        for name, plugin, _ in candidates:
             if plugin == BUILTIN_PLUGINS.get(name):
                 self.builtin.add(name)
-            self._register(name, plugin, installed)
+        key = tuple((name, plugin) for name, plugin, _ in candidates)
+        recipe = _RECIPES.get(key) if all(_cacheable(p) for _, p, _ in candidates) else None
+        if recipe is not None:
+            self._build(candidates, recipe)
+            return
+        recipe, complete = self._register_with_pluggy(candidates)
+        if complete and all(_cacheable(p) for _, p, _ in candidates):  # a set that failed is tried afresh
+            _RECIPES[key] = recipe
 
-    def _register(self, name: str, plugin: Any, installed: bool) -> None:
-        """Register one plugin; a class is instantiated here, so its state is this trace's alone."""
+    def _instantiate(self, name: str, plugin: Any) -> Any:
+        """The plugin object for this trace (a class is instantiated: its state is this trace's
+        alone), or None when loading or instantiating it failed (reported)."""
         try:
             if isinstance(plugin, str):
                 plugin = _load(plugin)
@@ -208,12 +265,68 @@ class PluginHost:
                 plugin = plugin()
         except Exception as exc:
             self._fail(name, "__init__", exc)
-            return
-        unknown = [
-            attr
-            for attr in dir(plugin)
-            if self.pm.parse_hookimpl_opts(plugin, attr) is not None and not hasattr(hookspecs, attr)
-        ]
+            return None
+        return plugin
+
+    def _build(self, candidates: list[tuple[str, Any, bool]], recipe: _Recipe) -> None:
+        """The fast path: instances and a dispatch table from a cached recipe, no pluggy."""
+        instances = [self._instantiate(name, plugin) for name, plugin, _ in candidates]
+        for (name, _, _), instance in zip(candidates, instances):
+            if instance is not None:
+                self._plugins[name] = instance
+        for hook_name, entries in recipe.items():
+            impls = [
+                _Impl(candidates[i][0], getattr(instances[i], attr), argnames)
+                for i, attr, argnames in entries
+                if instances[i] is not None
+            ]
+            if impls:
+                self._impls[hook_name] = impls
+
+    def _register_with_pluggy(self, candidates: list[tuple[str, Any, bool]]) -> tuple[_Recipe, bool]:
+        """Register and validate the plugins with pluggy; build the dispatch table and its recipe.
+
+        Returns the recipe and whether every plugin was registered (only then is it worth caching).
+        """
+        complete = True
+        pm = _Manager("gradprobe")
+        pm.add_hookspecs(hookspecs)
+        instances: dict[str, Any] = {}
+        attributes: dict[tuple[str, str], str] = {}  # (plugin name, hook name) -> attribute name
+        # pluggy calls the last registered first: register in reverse so hooks run in candidate order.
+        for name, plugin, installed in reversed(candidates):
+            instance = self._instantiate(name, plugin)
+            if instance is not None and self._validate_and_register(pm, name, instance, installed, attributes):
+                instances[name] = instance
+            else:
+                complete = False
+        position = {name: i for i, (name, _, _) in enumerate(candidates)}
+        self._plugins = {name: instances[name] for name, _, _ in candidates if name in instances}
+        recipe: _Recipe = {}
+        for hook_name in _hook_list():
+            entries = []
+            for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+                attr = attributes[(impl.plugin_name, hook_name)]
+                entries.append((position[impl.plugin_name], attr, tuple(impl.argnames)))
+                self._impls.setdefault(hook_name, []).append(
+                    _Impl(impl.plugin_name, impl.function, tuple(impl.argnames))
+                )
+            if entries:
+                recipe[hook_name] = entries
+        return recipe, complete
+
+    def _validate_and_register(
+        self, pm: pluggy.PluginManager, name: str, plugin: Any, installed: bool, attributes: dict[tuple[str, str], str]
+    ) -> bool:
+        unknown = []
+        found = {}
+        for attr in dir(plugin):  # what pluggy's register itself looks at
+            opts = pm.parse_hookimpl_opts(plugin, attr)
+            if opts is None:
+                continue
+            if not hasattr(hookspecs, attr):
+                unknown.append(attr)
+            found[(name, opts.get("specname") or attr)] = attr
         try:
             if unknown:
                 raise pluggy.PluginValidationError(
@@ -221,29 +334,39 @@ class PluginHost:
                     f"gradprobe plugin {name!r} implements {unknown}, which are not gradprobe hooks; "
                     f"check the spelling against gradprobe.hookspecs ({_hook_names()})",
                 )
-            self.pm.register(plugin, name=name)
+            pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
             if not installed:
                 raise  # the user's own plugin: a mistake to fix now, before any training runs
             self._report(name, f"installed gradprobe plugin {name!r} is invalid: {exc}; it is left out", "load")
+            return False
+        attributes.update(found)
+        return True
 
     @property
     def names(self) -> list[str]:
-        return [name for name, _ in self.pm.list_name_plugin()]
+        """Registered plugin names, in the order pluggy lists them (last registered first)."""
+        return list(reversed(self._plugins))
+
+    def get_plugin(self, name: str) -> Any:
+        """The plugin registered as ``name`` in this trace, or None (not registered, or switched off)."""
+        return self._plugins.get(name)
 
     def implemented(self, hook_name: str) -> bool:
         """Whether any registered plugin implements ``hook_name`` (to skip costly event preparation)."""
-        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
+        return bool(self._impls.get(hook_name))
 
     def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
         """Call every implementation of ``hook_name``; return their non-None results in order."""
         results: list[Any] = []
-        caller = getattr(self.pm.hook, hook_name)
-        # the order pluggy itself would call them in (last registered first, tryfirst/trylast honoured)
-        for impl in reversed(caller.get_hookimpls()):
-            args = {name: kwargs[name] for name in impl.argnames}
+        impls = self._impls.get(hook_name)
+        if not impls:
+            return results
+        for impl in tuple(impls):  # a plugin switched off mid-call leaves the list
+            if impl.plugin_name not in self._plugins:
+                continue
             try:
-                result = impl.function(**args)
+                result = impl.function(**{name: kwargs[name] for name in impl.argnames})
             except GradProbeError:
                 raise
             except Exception as exc:  # a buggy plugin must not break the training step
@@ -254,9 +377,9 @@ class PluginHost:
         return results
 
     def _fail(self, name: str, hook_name: str, exc: Exception) -> None:
-        plugin = self.pm.get_plugin(name)
-        if plugin is not None:
-            self.pm.unregister(plugin)
+        self._plugins.pop(name, None)
+        for hook, impls in list(self._impls.items()):
+            self._impls[hook] = [impl for impl in impls if impl.plugin_name != name]
         if name in self.builtin:
             self.internal_error(name, hook_name, exc)
             return
@@ -297,6 +420,10 @@ class PluginHost:
         )
         self.failures.append(finding)
         self._trace._add_finding(finding, policy="record")
+
+
+def _hook_list() -> list[str]:
+    return sorted(n for n in dir(hookspecs) if n.startswith("gradprobe_"))
 
 
 def _hook_names() -> str:

@@ -58,8 +58,10 @@ def _classify(func: Callable[..., Any]) -> int:
     return _NEVER if index is None else index
 
 
-_ALWAYS, _NEVER = -1, -2
-# func -> _classify(func), shared by every trace of the process (functions are global objects, and
+# small ints (cached objects): compared with `is` on the fast path; _GRAD_READ marks `Tensor.grad`'s
+# getter (a new method-wrapper at every access, equal but not identical to _GRAD_GET)
+_ALWAYS, _NEVER, _GRAD_READ = -1, -2, -3
+# func -> _classify(func) (or _GRAD_READ), shared by every trace of the process (functions are global objects, and
 # classifying one reads its signature: ~0.1 ms, too much to repeat in every new trace).
 _WRITES: dict[Any, int] = {}
 
@@ -127,14 +129,17 @@ class Interceptor(TorchFunctionMode):
         handler = self.table.get(func)
         if handler is not None:
             return handler(func, args, kwargs)
+        kind = _WRITES.get(func)
+        if kind is _NEVER and "out" not in kwargs:  # NOTE [fast path]: most calls end here
+            return func(*args, **kwargs)
+        if kind is None:
+            kind = _WRITES[func] = _GRAD_READ if func == _GRAD_GET else _classify(func)
         if (self.watch_grad_reads or self.watch_writes) and _is_compiling():
             pass  # Dynamo is tracing a compiled region: see NOTE [torch.compile] in transforms.py
-        elif self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
-            self._call("gradprobe_grad_read", tensor=args[0], site=user_site())
+        elif kind is _GRAD_READ:
+            if self.watch_grad_reads and args and not args[0].is_leaf:
+                self._call("gradprobe_grad_read", tensor=args[0], site=user_site())
         elif self.watch_writes:
-            kind = _WRITES.get(func)
-            if kind is None:
-                kind = _WRITES[func] = _classify(func)
             in_place = kind == _ALWAYS or (kind >= 0 and _flag(kind, args, kwargs))
             # any function may take out=; only in-place ones write through args[0]
             written = written_tensors(func, args, kwargs, in_place) if (in_place or "out" in kwargs) else []

@@ -33,7 +33,8 @@ trace's ``finally`` path, whether or not any plugin's ``gradprobe_trace_end`` ra
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+import gc
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -47,8 +48,33 @@ __all__ = [
     "TensorHookSweep",
     "close_suspended_mode_pops",
     "enter_context",
+    "gc_paused",
     "remove_all",
 ]
+
+
+# NOTE [no collections while hooking]
+# Putting hooks on a model allocates a few small objects per tensor (a handle, its weak reference,
+# the tensor's hook dict, gradprobe's per-leaf state), and each 700 allocations start a cyclic
+# garbage collection; in a process that imported torch, with hundreds of thousands of objects
+# tracked, some of those are full collections. On a 1,000-tensor model that made each hook
+# registration cost ~45 µs instead of ~3 µs. gradprobe creates no garbage cycles while it installs
+# or removes hooks or closes a trace, so the collector is paused for those bulk steps (never while
+# the user's code runs) and resumed afterwards in the same state; the allocations still count, so
+# the collector runs once at its next chance instead of many times during the bulk step.
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a bulk bookkeeping step (NOTE [no collections while hooking])."""
+    enabled = gc.isenabled()
+    try:
+        if enabled:
+            gc.disable()
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Removable(Protocol):

@@ -33,7 +33,7 @@ import torch
 from gradprobe.capture.calls import describe_call
 from gradprobe.capture.hooks import LeafHooks, engine_call
 from gradprobe.capture.intercept import Interceptor
-from gradprobe.capture.lifecycle import Removable, TensorHookSweep, enter_context, remove_all
+from gradprobe.capture.lifecycle import Removable, TensorHookSweep, enter_context, gc_paused, remove_all
 from gradprobe.capture.sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
 from gradprobe.capture.targets import LeafNamer, leaves_of_graph, tensor_label
 from gradprobe.capture.transforms import (
@@ -114,8 +114,9 @@ class Recorder:
             self.run_backward = torch.compiler.disable(self.run_backward)  # type: ignore[method-assign]
         try:
             unhooked, self._unhooked = self._unhooked, []
-            for tensor, state in unhooked:
-                self._hook(tensor, state)
+            with gc_paused():  # NOTE [no collections while hooking] in lifecycle.py
+                for tensor, state in unhooked:
+                    self._hook(tensor, state)
             self.mode.watch_grad_reads = self.host.implemented("gradprobe_grad_read")
             self.mode.watch_writes = self.host.implemented("gradprobe_inplace_write")
             enter_context(self._handles, self.mode)
@@ -213,10 +214,11 @@ class Recorder:
         if not new:
             return
         namer = LeafNamer(frame)
-        for tensor in namer.order(new):
-            # the namer already knows every local tensor of the frame by its variable name
-            named = namer.name(tensor) or (tensor_label(tensor, next(self.serial)), None)
-            self.track(tensor, named[0], named[1])
+        with gc_paused():  # NOTE [no collections while hooking] in lifecycle.py
+            for tensor in namer.order(new):
+                # the namer already knows every local tensor of the frame by its variable name
+                named = namer.name(tensor) or (tensor_label(tensor, next(self.serial)), None)
+                self.track(tensor, named[0], named[1])
 
     # -- backward calls ----------------------------------------------------------------------
 

@@ -115,7 +115,7 @@ class DecompositionSection:
 
     @hookimpl
     def gradprobe_report_sections(self, trace: Trace) -> list[Any]:
-        if trace._plugins.pm.get_plugin("decompose") is None:
+        if trace._plugins.get_plugin("decompose") is None:
             return []
         splits = trace.splits()
         decomposed = [s for s in splits if s.kind == "decomposed"]

@@ -19,7 +19,7 @@ def _hooks(t: torch.Tensor) -> int:
 
 
 def _plugin(t: Trace) -> object:
-    return t._plugins.pm.get_plugin("nonfinite_modules")
+    return t._plugins.get_plugin("nonfinite_modules")
 
 
 class Sqrt(nn.Module):
