@@ -295,3 +295,60 @@ def test_a_trace_never_entered_leaves_no_hooks() -> None:
         model(torch.randn(2, 8)).sum().backward()
     assert _hook_count(model) == 0
     assert all(row.parts for row in t.breakdown())
+
+
+def test_stacked_statistics_equal_pytorchs_own_norms() -> None:
+    """Small same-shaped gradients are measured stacked (NOTE [batched statistics]); each part still
+    has bitwise the norm and abs-max PyTorch gives that gradient alone, next to large ones measured
+    one by one and a float64 leaf."""
+    torch.manual_seed(0)
+    small = nn.ModuleList(nn.Linear(8, 8) for _ in range(6))
+    big = nn.Linear(300, 300)  # 90,000 elements: the per-tensor path
+    w64 = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 8)
+    with gradprobe.trace(small, big, w64) as t:
+        h = x
+        for layer in small:
+            h = torch.tanh(layer(h))
+        loss = h.square().sum() + big(torch.randn(2, 300)).pow(3).mean() + (w64 * 3).sin().sum()
+        loss.backward()
+    rows = {row.leaf.name: row for row in t.breakdown()}
+    params = [(n, p) for n, p in small.named_parameters()] + [(n, p) for n, p in big.named_parameters()]
+    assert len(rows) == len(params) + 1
+    for tensor in [p for _, p in params] + [w64]:
+        (row,) = [r for r in rows.values() if r.leaf.tensor is tensor]
+        (part,) = row.parts
+        acc = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+        assert part.norm == float(torch.linalg.vector_norm(tensor.grad, dtype=acc))
+        assert part.absmax == float(torch.linalg.vector_norm(tensor.grad, ord=float("inf"), dtype=acc))
+        assert row.check is True
+    stats = [p for state in t._ledger.leaves for p in state.parts]
+    assert [p.batch is None for p in stats].count(True) == 1  # only the 90,000-element weight: one by one
+
+
+def test_read_floats_mixes_scalars_and_batch_rows() -> None:
+    from gradprobe.ledger.stats import read_floats
+
+    batch = torch.tensor([1.5, 2.5, 3.5])
+    other = torch.tensor([7.0, 8.0], dtype=torch.float64)
+    items = [torch.tensor(0.25), (batch, 2), (other, 0), torch.tensor(9.0, dtype=torch.float64), (batch, 0)]
+    assert read_floats(items) == [0.25, 3.5, 7.0, 9.0, 1.5]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_left_as_it_was(enabled: bool) -> None:
+    """gradprobe pauses the collector only during its own bulk steps (NOTE [no collections while hooking])."""
+    model = MLP()
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        with gradprobe.trace(model):
+            assert gc.isenabled() is enabled
+            model(torch.randn(3, 8)).sum().backward()
+            assert gc.isenabled() is enabled
+        assert gc.isenabled() is enabled
+        with pytest.raises(ZeroDivisionError), gradprobe.trace(model):
+            1 / 0
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -406,3 +406,54 @@ def test_third_party_plugins_stay_lenient_under_strict() -> None:
     with gradprobe.trace(model, plugins=[_raiser("gradprobe_after_backward")], on_finding="record") as t:
         step(model, torch.randn(5, 8))
     assert [f.code for f in t.findings] == ["GP000"]
+
+
+def test_a_cached_plugin_set_calls_hooks_in_pluggys_order() -> None:
+    """The second trace of a plugin set (built from the cached recipe, no pluggy) calls the hooks of
+    fresh instances in exactly the order pluggy gave the first (tryfirst, normal, trylast)."""
+    log: list[tuple[int, str]] = []
+    instances: list[Any] = []
+
+    def plugin(label: str, **opts: Any) -> type:
+        class P:
+            gradprobe_name = label
+
+            def __init__(self) -> None:
+                instances.append(self)
+
+            @gradprobe.hookimpl(**opts)
+            def gradprobe_trace_start(self, trace: Any) -> None:
+                log.append((id(self), label))
+
+        return P
+
+    plugins = [plugin("a", trylast=True), plugin("b"), plugin("c", tryfirst=True), plugin("d"), plugin("e", trylast=True)]
+    _plugins._RECIPES.clear()
+    orders = []
+    for _ in range(3):
+        log.clear()
+        with gradprobe.trace(MLP(), plugins=plugins, detect=()):
+            pass
+        orders.append([label for _, label in log])
+    assert len(_plugins._RECIPES) == 1  # built once, reused by the second and third trace
+    assert orders[0] == orders[1] == orders[2]
+    assert orders[0][:3] == ["c", "b", "d"] and set(orders[0][3:]) == {"a", "e"}
+    assert len(instances) == 15 and len({id(i) for i in instances}) == 15  # fresh instances each trace
+
+
+def test_a_plugin_instance_is_not_cached_and_a_failed_set_is_tried_afresh() -> None:
+    """A set with a plugin *instance* goes through pluggy every time; so does one that failed."""
+    _plugins._RECIPES.clear()
+    with gradprobe.trace(MLP(), plugins=[Recorder("inst", [])]):
+        pass
+    assert not _plugins._RECIPES
+
+    class Broken:
+        def __init__(self) -> None:
+            raise RuntimeError("boom")
+
+    for _ in range(2):
+        with gradprobe.trace(MLP(), plugins=[Broken], on_finding="record") as t:
+            pass
+        assert [f.code for f in t.findings] == ["GP000"]
+    assert not _plugins._RECIPES

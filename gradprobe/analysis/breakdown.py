@@ -25,6 +25,7 @@ from gradprobe.ledger.stats import read_floats
 if TYPE_CHECKING:
     from gradprobe.analysis.finals import FinalGrad
     from gradprobe.ledger.ledger import EpochStart, Leaf, Ledger, LeafState
+    from gradprobe.ledger.records import StatRef
 
 __all__ = ["CarriedIn", "LeafBreakdown", "Part", "compute_breakdown"]
 
@@ -121,10 +122,10 @@ class _Values:
     """Collects device tensors, reads them back once, then hands out floats by ticket."""
 
     def __init__(self) -> None:
-        self._tensors: list[torch.Tensor] = []
+        self._tensors: list[StatRef] = []
         self._floats: list[float] = []
 
-    def ticket(self, t: torch.Tensor | None) -> int:
+    def ticket(self, t: StatRef | None) -> int:
         if t is None:
             return -1
         self._tensors.append(t)
@@ -142,7 +143,7 @@ def compute_breakdown(ledger: Ledger, finals: list[FinalGrad]) -> list[LeafBreak
     values = _Values()
     tickets = []
     for state, final in zip(ledger.leaves, finals):
-        part_t = [(values.ticket(p.norm), values.ticket(p.absmax), values.ticket(p.dot_before)) for p in state.parts]
+        part_t = [(values.ticket(p.norm_ref), values.ticket(p.absmax_ref), values.ticket(p.dot_before)) for p in state.parts]
         epoch_t = [values.ticket(e.norm) for e in state.epochs]
         final_t = values.ticket(final.norm)
         local_t = values.ticket(final.reduced.local_norm if final.reduced is not None else None)

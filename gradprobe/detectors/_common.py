@@ -47,7 +47,7 @@ def ledger_facts(trace: Trace) -> LedgerFacts:
     where: list[tuple[str, int, int]] = []
     for state in trace._ledger.leaves:
         for part in state.parts:
-            tensors.append(part.norm)
+            tensors.append(part.norm_ref)  # type: ignore[arg-type]
             where.append(("part", state.leaf.index, part.record))
         first = state.epochs[0] if state.epochs else None
         if first is not None and first.reason == "trace_start" and first.norm is not None:

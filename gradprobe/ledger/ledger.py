@@ -45,8 +45,8 @@ from typing import Literal
 
 import torch
 
-from gradprobe.ledger.records import BackwardRecord, EpochStart, Leaf, PartStats, Reduced
-from gradprobe.ledger.stats import dot, foreach_norms, norms
+from gradprobe.ledger.records import BackwardRecord, EpochStart, Leaf, PartStats, Reduced, StatBatch
+from gradprobe.ledger.stats import STACK_BELOW, dot, foreach_norms, norms, stacked_norms
 
 __all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats", "Reduced"]
 
@@ -70,6 +70,26 @@ def _stored_part(state: LeafState) -> torch.Tensor | None:
     if tensor is None or tensor.grad is not grad:
         return None
     return grad.detach()
+
+
+def _measure(parts: list[PartStats], grads: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """Statistics of same-device, same-dtype parts: small ones stacked per shape, large ones fused
+    (NOTE [batched statistics] in stats.py)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    large: list[int] = []
+    for i, grad in enumerate(grads):
+        if grad.numel() < STACK_BELOW:
+            by_shape.setdefault(tuple(grad.shape), []).append(i)
+        else:
+            large.append(i)
+    for rows in by_shape.values():
+        batch = StatBatch(*stacked_norms([grads[i] for i in rows], dtype))
+        for row, i in enumerate(rows):
+            part = parts[i]
+            part.batch, part.row = batch, row
+    if large:
+        for i, (norm, top) in zip(large, foreach_norms([grads[i] for i in large], dtype)):
+            parts[i].norm, parts[i].absmax = norm, top
 
 
 class LeafState:
@@ -190,8 +210,7 @@ class Ledger:
         self.pending.extend(waiting)
         with torch.no_grad():
             for (_, dtype), (parts, grads) in groups.items():
-                for part, (norm, top) in zip(parts, foreach_norms(grads, dtype)):
-                    part.norm, part.absmax = norm, top
+                _measure(parts, grads, dtype)
         self.version += 1
 
     def _settle(self, state: LeafState) -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 
 if TYPE_CHECKING:
     from gradprobe.findings import Site
 
-__all__ = ["BackwardRecord", "EpochStart", "Leaf", "PartStats", "Reduced"]
+__all__ = ["BackwardRecord", "EpochStart", "Leaf", "PartStats", "Reduced", "StatBatch", "StatRef"]
 
 Kind = Literal["backward", "grad"]
 
@@ -102,18 +102,82 @@ class Leaf:
         }
 
 
-@dataclass(eq=False)
-class PartStats:
-    """Device-side statistics of one part (not read back until asked)."""
+class StatBatch:
+    """Statistics of several same-shaped parts, one row each (NOTE [batched statistics] in stats.py)."""
 
-    record: int
-    epoch: int
-    norm: torch.Tensor | None  # None only while deferred (see NOTE [deferred stats])
-    absmax: torch.Tensor | None
-    dot_before: torch.Tensor | None  # <part, .grad before it>, None when .grad was None
-    tensor: torch.Tensor | None = None  # keep="tensors" only
-    accumulated: bool = False
-    from_grad: bool = False  # stats were taken from the `.grad` AccumulateGrad stored (deferred)
+    __slots__ = ("norms", "absmax")
+
+    def __init__(self, norms: torch.Tensor, absmax: torch.Tensor) -> None:
+        self.norms = norms  # shape (k,), accumulated like `stats.norms`
+        self.absmax = absmax
+
+
+# A statistic as `read_floats` takes it: a 0-d device tensor, or (a batch's 1-d tensor, row).
+StatRef = Union[torch.Tensor, "tuple[torch.Tensor, int]"]
+
+
+class PartStats:
+    """Device-side statistics of one part (not read back until asked).
+
+    One small slotted object per (backward, leaf): a long trace holds many. ``norm`` / ``absmax`` are
+    0-d tensors; a part measured in a batch (``batch`` set) hands out a view of its row on access,
+    and ``norm_ref`` / ``absmax_ref`` for a read-back without creating one.
+    """
+
+    __slots__ = ("record", "epoch", "_norm", "_absmax", "dot_before", "tensor", "accumulated", "from_grad", "batch", "row")
+
+    def __init__(
+        self,
+        record: int,
+        epoch: int,
+        norm: torch.Tensor | None,  # None only while deferred (see NOTE [deferred stats])
+        absmax: torch.Tensor | None,
+        dot_before: torch.Tensor | None,  # <part, .grad before it>, None when .grad was None
+        tensor: torch.Tensor | None = None,  # keep="tensors" only
+        accumulated: bool = False,
+        from_grad: bool = False,  # stats were taken from the `.grad` AccumulateGrad stored (deferred)
+    ) -> None:
+        self.record = record
+        self.epoch = epoch
+        self._norm = norm
+        self._absmax = absmax
+        self.dot_before = dot_before
+        self.tensor = tensor
+        self.accumulated = accumulated
+        self.from_grad = from_grad
+        self.batch: StatBatch | None = None
+        self.row = -1
+
+    @property
+    def norm(self) -> torch.Tensor | None:
+        if self._norm is None and self.batch is not None:
+            return self.batch.norms[self.row]
+        return self._norm
+
+    @norm.setter
+    def norm(self, value: torch.Tensor | None) -> None:
+        self._norm, self.batch = value, None if value is not None else self.batch
+
+    @property
+    def absmax(self) -> torch.Tensor | None:
+        if self._absmax is None and self.batch is not None:
+            return self.batch.absmax[self.row]
+        return self._absmax
+
+    @absmax.setter
+    def absmax(self, value: torch.Tensor | None) -> None:
+        self._absmax = value
+
+    @property
+    def norm_ref(self) -> StatRef | None:
+        return (self.batch.norms, self.row) if self._norm is None and self.batch is not None else self._norm
+
+    @property
+    def absmax_ref(self) -> StatRef | None:
+        return (self.batch.absmax, self.row) if self._absmax is None and self.batch is not None else self._absmax
+
+    def __repr__(self) -> str:
+        return f"PartStats(record={self.record}, epoch={self.epoch}, from_grad={self.from_grad})"
 
 
 @dataclass(eq=False)
