@@ -45,18 +45,18 @@ class LeafHooks:
         recorder = self.recorder
         if recorder.muted or grad is None:  # None: an undefined gradient (torch.autograd.gradcheck sends one)
             return
-        with _no_torch_function():
-            task = _current_task()
-            record = recorder._by_task.get(task)
-            if record is None:
+        task = _current_task()
+        record = recorder._by_task.get(task)
+        if record is None:
+            with _no_torch_function():
                 record = recorder.record_for_task()
-                if record is None:  # NOTE [nested autograd.grad]
-                    return
-            if record.index in recorder._quiet_records:
+            if record is None:  # NOTE [nested autograd.grad]
                 return
-            state = self.state
-            recorder.ledger.on_part(state, record, grad)
-            if state.deferred is not None and task not in recorder._flushing:
+        if record.index in recorder._quiet_records:
+            return
+        state = self.state
+        with _no_torch_function():
+            if recorder.ledger.on_part(state, record, grad) and task not in recorder._flushing:
                 recorder._flushing.add(task)
                 _queue_callback(lambda: recorder.flush_task(task))
 

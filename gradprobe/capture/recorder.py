@@ -21,6 +21,7 @@ public :class:`~gradprobe.Trace` sits on top of it and is passed to plugins as t
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import sys
 import threading
@@ -264,20 +265,26 @@ class Recorder:
             if root.grad_fn is not None
         ]
         error: BaseException | None = None
+        collecting = gc.isenabled()
         try:
+            gc.disable()  # the leaf hooks allocate: NOTE [no collections while hooking] in lifecycle.py
             host.call("gradprobe_before_backward", trace=self.subject, call=call)
             return func(*args, **kwargs)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            for handle in handles:
-                handle.remove()
-            stack.pop()
-            self._forget_nested(record)
-            with _no_torch_function():
-                self.ledger.flush()  # also when the backward raised (its callbacks never ran)
-            host.call("gradprobe_after_backward", trace=self.subject, record=record, error=error)
+            try:
+                for handle in handles:
+                    handle.remove()
+                stack.pop()
+                self._forget_nested(record)
+                with _no_torch_function():
+                    self.ledger.flush()  # also when the backward raised (its callbacks never ran)
+                host.call("gradprobe_after_backward", trace=self.subject, record=record, error=error)
+            finally:
+                if collecting:
+                    gc.enable()
 
     def _label(self, tensor: torch.Tensor, frame: Any) -> str:
         state = self.by_id.get(id(tensor))

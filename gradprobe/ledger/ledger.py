@@ -51,8 +51,11 @@ from gradprobe.ledger.stats import STACK_BELOW, dot, foreach_norms, norms, stack
 __all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats", "Reduced"]
 
 
+_STRIDED = torch.strided
+
+
 def _deferrable(tensor: torch.Tensor | None, grad: torch.Tensor) -> bool:
-    if tensor is None or grad.layout != torch.strided or grad.is_complex():
+    if tensor is None or grad.layout is not _STRIDED or grad.is_complex():
         return False
     hooks = tensor._post_accumulate_grad_hooks
     return hooks is not None and len(hooks) == 1  # only the trace's own (NOTE [deferred stats])
@@ -117,6 +120,7 @@ class Ledger:
 
     def __init__(self, keep: Literal["stats", "tensors"]) -> None:
         self.keep = keep
+        self.deferring = keep == "stats"
         self.records: list[BackwardRecord] = []
         self.leaves: list[LeafState] = []
         self.lock = threading.RLock()  # reentrant: an unseen backward's record is added under it
@@ -146,28 +150,36 @@ class Ledger:
 
     # -- called from hooks -------------------------------------------------------------------
 
-    def on_part(self, state: LeafState, record: BackwardRecord, grad: torch.Tensor) -> None:
-        """Record the gradient ``record`` is about to add to ``state``'s leaf (tensor hook)."""
+    def on_part(self, state: LeafState, record: BackwardRecord, grad: torch.Tensor) -> bool:
+        """Record the gradient ``record`` is about to add to ``state``'s leaf (tensor hook).
+
+        Returns whether the part's statistics were deferred (a flush is due at the backward's end).
+        """
         if state.deferred is not None:
             self._settle(state)  # .grad still holds exactly that part: measure it before it changes
-        if record.accumulates:
+        accumulates = record.kind == "backward"
+        if accumulates:
             tensor = state.ref()  # type: ignore[misc]
             before = tensor.grad if tensor is not None else None
-            if before is None and self.keep == "stats" and _deferrable(tensor, grad):
-                self._maybe_new_epoch(state, record, None)
-                part = PartStats(record.index, len(state.epochs) - 1, None, None, None, from_grad=True)
+            if before is None and self.deferring and _deferrable(tensor, grad):
+                epochs = state.epochs
+                if state.reduced is None:  # _maybe_new_epoch's answer when .grad is None and no all-reduce
+                    epochs.append(EpochStart(len(epochs), record.index, None, None, "reset" if epochs else "start"))
+                else:
+                    self._maybe_new_epoch(state, record, None)
+                part = PartStats(record.index, len(epochs) - 1, None, None, None, False, False, True)
                 state.parts.append(part)
                 state.deferred = part
                 self.pending.append(state)
                 self.version += 1
-                return
+                return True
         enabled = torch.is_grad_enabled()  # only under create_graph=True: skip the no_grad() machinery
         if enabled:
             torch._C._set_grad_enabled(False)
         try:
             norm, absmax = norms(grad)
             dot_before = None
-            if record.accumulates:
+            if accumulates:
                 if before is not None and before.shape != grad.shape:
                     before = None
                 self._maybe_new_epoch(state, record, before)
@@ -179,6 +191,7 @@ class Ledger:
                 torch._C._set_grad_enabled(True)
         state.parts.append(PartStats(record.index, state.epoch, norm, absmax, dot_before, kept))
         self.version += 1
+        return False
 
     def flush(self, everything: bool = False) -> None:
         """Take the deferred statistics from `.grad`, batched per (device, dtype).
