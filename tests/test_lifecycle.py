@@ -399,3 +399,41 @@ def test_owned_context_handle_removes_once() -> None:
             handle.remove()
             assert torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
     assert _left_installed(model) == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"detect": "all"}, {"keep": "tensors"}, {"report": True}],
+    ids=["default", "detect-all", "keep-tensors", "report"],
+)
+def test_a_dropped_trace_leaves_no_cyclic_garbage(options: dict[str, Any]) -> None:
+    """NOTE [no cycles]: a finished trace, its ledger and its plugins are freed by reference counting
+    when the user drops it, without waiting for the cyclic garbage collector."""
+    model = TinyFPNDetector()
+    x = torch.randn(2, 3, 16, 16)
+
+    def one_step() -> weakref.ref[Any]:
+        with gradprobe.trace(model, on_finding="record", console=Console(file=io.StringIO()), **options) as t:
+            losses = model.losses(x)
+            losses["cls"].backward(retain_graph=True)
+            losses["box"].backward()
+        t.breakdown()
+        t.findings  # noqa: B018
+        return weakref.ref(t)
+
+    one_step()  # first trace of this plugin set: pluggy registers it once per process
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        ref = one_step()
+        assert ref() is None  # freed at once, by reference counting
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        found = gc.collect()
+        garbage = [type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("gradprobe")]
+        assert not garbage, f"{found} objects in reference cycles, gradprobe's: {garbage}"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was:
+            gc.enable()

@@ -35,6 +35,7 @@ import importlib
 import importlib.metadata
 import inspect
 import traceback
+import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Union
 
@@ -206,7 +207,7 @@ class PluginHost:
     def __init__(
         self, trace: Trace, plugins: Iterable[Any] = (), disable: Iterable[str] = (), detect: Detect = "default"
     ) -> None:
-        self._trace = trace
+        self._trace_ref = weakref.ref(trace)  # NOTE [no cycles] in recorder.py
         self.failures: list[Finding] = []
         self.builtin: set[str] = set()  # names registered from BUILTIN_PLUGINS
         self._internal: set[str] = set()  # names already reported as internal errors
@@ -342,6 +343,12 @@ class PluginHost:
             return False
         attributes.update(found)
         return True
+
+    @property
+    def _trace(self) -> Trace:
+        trace = self._trace_ref()
+        assert trace is not None, "the trace of this plugin host was garbage collected"
+        return trace
 
     @property
     def names(self) -> list[str]:

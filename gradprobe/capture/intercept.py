@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -22,7 +23,7 @@ from gradprobe.capture.sites import user_site
 if TYPE_CHECKING:
     from gradprobe.capture.recorder import Recorder
 
-__all__ = ["Interceptor", "written_tensors"]
+__all__ = ["Backward", "Interceptor", "written_tensors"]
 
 _GRAD_GET = torch.Tensor.grad.__get__
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
@@ -96,25 +97,37 @@ def _flag(index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return value is True
 
 
+class Backward:
+    """The interceptor's handler of backward calls: hands them to the recorder (held weakly, NOTE [no cycles])."""
+
+    __slots__ = ("recorder",)
+
+    def __init__(self, recorder: weakref.ReferenceType[Recorder]) -> None:
+        self.recorder = recorder
+
+    def __call__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        recorder = self.recorder()
+        if recorder is None:
+            return func(*args, **kwargs)
+        return recorder.run_backward(func, args, kwargs)
+
+
 class Interceptor(TorchFunctionMode):
     """Routes the few torch calls a trace cares about to it; passes everything else straight on."""
 
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
-        self._recorder = recorder
+        self._recorder = weakref.ref(recorder)  # the recorder owns this mode (NOTE [no cycles] in recorder.py)
         self.watch_grad_reads = False
         self.watch_writes = False
         # func -> handler(func, args, kwargs): the only per-call lookup for functions nobody watches
         self.table: dict[Any, Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]] = dict.fromkeys(
-            BACKWARD_FUNCTIONS, self._backward
+            BACKWARD_FUNCTIONS, Backward(self._recorder)
         )
 
-    def _backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self._recorder.run_backward(func, args, kwargs)
-
     def _call(self, hook_name: str, **kwargs: Any) -> None:
-        recorder = self._recorder
-        if recorder.host is not None:
+        recorder = self._recorder()
+        if recorder is not None and recorder.host is not None:
             recorder.host.call(hook_name, trace=recorder.subject, **kwargs)
 
     def __torch_function__(

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
-from gradprobe.capture.calls import describe_call
+from gradprobe.capture.calls import BACKWARD_FUNCTIONS, describe_call
 from gradprobe.capture.hooks import LeafHooks, engine_call
-from gradprobe.capture.intercept import Interceptor
+from gradprobe.capture.intercept import Backward, Interceptor
 from gradprobe.capture.lifecycle import Removable, TensorHookSweep, enter_context, gc_paused, remove_all
 from gradprobe.capture.sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
 from gradprobe.capture.targets import LeafNamer, leaves_of_graph, tensor_label
@@ -71,7 +71,7 @@ class Recorder:
     """
 
     def __init__(self, keep: Literal["stats", "tensors"], subject: Any) -> None:
-        self.subject = subject
+        self._subject = weakref.ref(subject)  # NOTE [no cycles]
         self.host: PluginHost | None = None  # set by the owner once its plugins are registered
         self.ledger = Ledger(keep)
         self.serial = itertools.count()
@@ -99,6 +99,20 @@ class Recorder:
         if state is not None and state.leaf.tensor is tensor:
             state.leaf = replace(state.leaf, name=name)
 
+    # NOTE [no cycles]
+    # A trace is made per step or per test, often thousands of times in a process. When its objects
+    # form reference cycles (trace -> recorder -> trace, trace -> plugin host -> trace, recorder ->
+    # interceptor -> recorder), none of them -- the ledger, every part, every plugin -- is freed when
+    # the trace is dropped: they wait for the cyclic collector, whose full collections then scan them
+    # all (milliseconds per step on a small model, and memory held until then). So ownership is a
+    # tree from the Trace down, and every back-reference (the recorder's subject, the host's trace,
+    # the interceptor's recorder) is weak: dropping the trace frees everything by reference counting.
+    # tests/test_lifecycle.py checks that a finished trace leaves no cyclic garbage.
+    @property
+    def subject(self) -> Any:
+        """The object plugins receive as ``trace=`` (the public Trace), held weakly."""
+        return self._subject()
+
     def given_name(self, tensor: torch.Tensor) -> str | None:
         entry = self.names.get(id(tensor))
         if entry is not None and entry[0]() is tensor:
@@ -112,7 +126,7 @@ class Recorder:
         assert self.host is not None
         self.state = "active"
         if "torch._dynamo" in sys.modules:  # NOTE [torch.compile] at run_backward
-            self.run_backward = torch.compiler.disable(self.run_backward)  # type: ignore[method-assign]
+            self.mode.table.update(dict.fromkeys(BACKWARD_FUNCTIONS, _uncompiled_backward(weakref.ref(self))))
         try:
             unhooked, self._unhooked = self._unhooked, []
             with gc_paused():  # NOTE [no collections while hooking] in lifecycle.py
@@ -225,9 +239,9 @@ class Recorder:
 
     # NOTE [torch.compile]: a backward called inside a compiled function runs (with its hooks,
     # which inherit this frame's setting) outside Dynamo, instead of Dynamo tracing gradprobe's
-    # bookkeeping and breaking the graph at each frame walk and lock. `install` wraps this method
-    # in `torch.compiler.disable` when Dynamo is loaded; importing Dynamo only for that would add
-    # ~1.5 s to `import gradprobe` for everyone who never compiles.
+    # bookkeeping and breaking the graph at each frame walk and lock. `install` wraps the
+    # interceptor's backward handler in `torch.compiler.disable` when Dynamo is loaded; importing
+    # Dynamo only for that would add ~1.5 s to `import gradprobe` for everyone who never compiles.
     def run_backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         host = self.host
         if self.muted or self.state != "active" or host is None:
@@ -349,6 +363,15 @@ class Recorder:
         return self.ledger.add_record(
             name=name, site=site, retain_graph=False, kind=kind, thread=thread_name(), seen=False
         )
+
+
+def _uncompiled_backward(recorder: weakref.ReferenceType[Recorder]) -> Any:
+    """The interceptor's backward handler, run outside Dynamo (NOTE [torch.compile] at run_backward).
+
+    A handler object, not ``self.run_backward`` rebound on the recorder: that would be a reference
+    cycle (NOTE [no cycles]).
+    """
+    return torch.compiler.disable(Backward(recorder))
 
 
 class _Removal:
