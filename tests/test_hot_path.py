@@ -352,3 +352,15 @@ def test_the_garbage_collector_is_left_as_it_was(enabled: bool) -> None:
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_empty_leaves_are_measured_in_a_batch_too() -> None:
+    """Zero-element gradients of one shape stack into a (k, 0) batch: norm 0, Σ check holds."""
+    a, b = (torch.zeros(0, 5, requires_grad=True) for _ in range(2))
+    w = torch.randn(3, requires_grad=True)
+    with gradprobe.trace(a, b, w) as t:
+        (a.sum() + b.sum() + w.square().sum()).backward()
+    rows = t.breakdown()
+    assert [[p.norm for p in r.parts] for r in rows[:2]] == [[0.0], [0.0]]
+    assert rows[2].parts[0].norm == float(torch.linalg.vector_norm(w.grad))
+    assert all(r.check is True for r in rows)

@@ -15,6 +15,7 @@ from gradprobe.ledger import stats
 
 if TYPE_CHECKING:
     from gradprobe.ledger.ledger import Ledger, LeafState, PartStats, Reduced
+    from gradprobe.ledger.records import StatRef
 
 __all__ = ["FinalGrad", "last_epoch_parts", "snapshot_final"]
 
@@ -24,7 +25,7 @@ class FinalGrad:
     """Device-side snapshot of a leaf's `.grad` when the trace ended (or when asked, mid-trace)."""
 
     present: bool
-    norm: torch.Tensor | None
+    norm: StatRef | None  # a 0-d tensor or a batch row (ledger/records.py), for `read_floats`
     continuous: bool  # .grad is exactly what AccumulateGrad left after the last recorded part
     dots: dict[int, torch.Tensor]  # keep="tensors": <part or carried-in, G>, keyed by part position (-1)
     bitwise: bool | None  # keep="tensors": carried-in + parts, summed in order, torch.equal .grad
@@ -35,8 +36,8 @@ class FinalGrad:
 def snapshot_final(ledger: Ledger) -> list[FinalGrad]:
     """Snapshot every leaf's current `.grad` on its device (no read-back).
 
-    The norms are taken in one ``torch._foreach_norm`` per (device, dtype); a `.grad` that is still
-    exactly the one part it was measured from reuses that part's norm.
+    The norms are taken in batches per (device, dtype) (:func:`~gradprobe.ledger.stats.two_norms`);
+    a `.grad` that is still exactly the one part it was measured from reuses that part's norm.
     """
     ledger.flush()
     finals = []
@@ -48,10 +49,7 @@ def snapshot_final(ledger: Ledger) -> list[FinalGrad]:
             if grad is not None:
                 batch.setdefault((grad.device, grad.dtype), []).append((final, grad))
         for (_, dtype), items in batch.items():
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            upcast = acc if dtype != acc else None  # NOTE [foreach dtype] in ledger/stats.py
-            norms = torch._foreach_norm([grad for _, grad in items], 2, dtype=upcast)
-            for (final, _), norm in zip(items, norms):
+            for (final, _), norm in zip(items, stats.two_norms([grad for _, grad in items], dtype)):
                 final.norm = norm
     return finals
 
@@ -97,19 +95,21 @@ def _snapshot_leaf(ledger: Ledger, state: LeafState) -> tuple[FinalGrad, torch.T
             total = part.tensor.clone() if total is None else total + part.tensor
         bitwise = total is not None and torch.equal(total, grad)
     final = FinalGrad(True, None, continuous, dots, bitwise, reduced=reduced if continuous else None)
-    last = state.parts[-1] if state.parts else None
+    parts = state.parts
+    last = parts[-1] if parts else None
     if (
         reduced is None
         and continuous
         and last is not None
         and last.from_grad
-        and last.norm is not None
         and last.epoch == state.epoch
         and last.accumulated
-        and sum(1 for p in state.parts if p.epoch == state.epoch) == 1
+        and (len(parts) == 1 or parts[-2].epoch != last.epoch)  # the epoch's only part (epochs only grow)
     ):
-        final.norm = last.norm  # .grad is still exactly the part it was measured from
-        return final, None
+        norm = last.norm_ref
+        if norm is not None:
+            final.norm = norm  # .grad is still exactly the part it was measured from
+            return final, None
     return _norm_later(final, shown)
 
 

@@ -95,10 +95,11 @@ class StaleGrad:
     def gradprobe_after_backward(self, trace: Trace, record: BackwardRecord, error: BaseException | None) -> None:
         if record.kind != "backward":
             return
+        versions = self._versions
         for state in trace._ledger.leaves:
-            tensor = state.leaf.tensor
+            tensor = state.ref()
             if tensor is not None:
-                self._versions[state.leaf.index] = tensor._version
+                versions[state.leaf.index] = tensor._version
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:

@@ -26,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from gradprobe.ledger.records import StatRef
 
-__all__ = ["STACK_BELOW", "absmax", "dot", "foreach_norms", "norms", "read_floats", "stacked_norms"]
+__all__ = ["STACK_BELOW", "absmax", "dot", "foreach_norms", "norms", "read_floats", "stacked_norms", "two_norms"]
 
 _ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
 _INF = float("inf")
@@ -107,12 +107,36 @@ def stacked_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.
     Accumulated as :func:`norms` does (float32, float64 for float64): each row is bitwise the norm
     of that tensor alone (a contiguous row is reduced with the same kernel as a whole tensor).
     """
-    rows = torch.stack(grads).reshape(len(grads), -1)
+    rows = torch.stack(grads).reshape(len(grads), grads[0].numel())  # (k, 0) for empty tensors too
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     two = _vector_norm(rows, dim=1, dtype=acc if dtype != acc else None)  # NOTE [foreach dtype]
     if rows.shape[1] == 0:
         return two, two.new_zeros(len(grads))
     return two, rows.abs().amax(dim=1).to(acc)
+
+
+def two_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[StatRef]:
+    """2-norms of same-device, same-``dtype`` dense real tensors, as read-back references: small
+    ones stacked per shape, large ones with one fused call (NOTE [batched statistics])."""
+    out: list[StatRef | None] = [None] * len(grads)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    large: list[int] = []
+    for i, grad in enumerate(grads):
+        if grad.numel() < STACK_BELOW:
+            by_shape.setdefault(tuple(grad.shape), []).append(i)
+        else:
+            large.append(i)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    upcast = acc if dtype != acc else None  # NOTE [foreach dtype]
+    for rows in by_shape.values():
+        stacked = torch.stack([grads[i] for i in rows]).reshape(len(rows), grads[rows[0]].numel())
+        batch = _vector_norm(stacked, dim=1, dtype=upcast)
+        for row, i in enumerate(rows):
+            out[i] = (batch, row)
+    if large:
+        for i, norm in zip(large, torch._foreach_norm([grads[i] for i in large], 2, dtype=upcast)):
+            out[i] = norm
+    return out  # type: ignore[return-value]
 
 
 def read_floats(tensors: list[StatRef]) -> list[float]:
