@@ -86,6 +86,9 @@ def _measure(parts: list[PartStats], grads: list[torch.Tensor], dtype: torch.dty
         else:
             large.append(i)
     for rows in by_shape.values():
+        if len(rows) == 1:  # a shape of its own: one fused call for all of those
+            large += rows
+            continue
         batch = StatBatch(*stacked_norms([grads[i] for i in rows], dtype))
         for row, i in enumerate(rows):
             part = parts[i]

@@ -8,7 +8,8 @@ sync the host); the analysis layer and the DDP plugin reuse them for what they m
 # the 2-norm and as much again for the abs-max, most of a 1,000-tensor model's per-backward cost.
 # Small gradients of one shape (a transformer's per-layer weights and biases, a deep MLP's layers)
 # are instead stacked into one (k, n) tensor and reduced along rows: one stack, one 2-norm, one
-# abs-max per shape, 10-20x less per tensor; the stacked copy is small by construction. A contiguous
+# abs-max per shape, 10-20x less per tensor; the stacked copy is small by construction (a shape
+# held by one tensor only joins the fused call of the large ones). A contiguous
 # row is reduced by the same kernel as a whole tensor, so each row is bitwise the tensor's own norm
 # (tests/test_hot_path.py checks against PyTorch). Large tensors keep the fused per-tensor path,
 # where the data, not the dispatch, is the cost.
@@ -84,7 +85,8 @@ def foreach_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[tuple[t
 # the 2-norm and as much again for the abs-max, most of a 1,000-tensor model's per-backward cost.
 # Small gradients of one shape (a transformer's per-layer weights and biases, a deep MLP's layers)
 # are instead stacked into one (k, n) tensor and reduced along rows: one stack, one 2-norm, one
-# abs-max per shape, 10-20x less per tensor; the stacked copy is small by construction. A contiguous
+# abs-max per shape, 10-20x less per tensor; the stacked copy is small by construction (a shape
+# held by one tensor only joins the fused call of the large ones). A contiguous
 # row is reduced by the same kernel as a whole tensor, so each row is bitwise the tensor's own norm
 # (tests/test_hot_path.py checks against PyTorch). Large tensors keep the fused per-tensor path,
 # where the data, not the dispatch, is the cost.
@@ -129,6 +131,9 @@ def two_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[StatRef]:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     upcast = acc if dtype != acc else None  # NOTE [foreach dtype]
     for rows in by_shape.values():
+        if len(rows) == 1:  # a shape of its own: one fused call for all of those
+            large += rows
+            continue
         stacked = torch.stack([grads[i] for i in rows]).reshape(len(rows), grads[rows[0]].numel())
         batch = _vector_norm(stacked, dim=1, dtype=upcast)
         for row, i in enumerate(rows):
