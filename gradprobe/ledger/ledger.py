@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 
 from gradprobe.ledger.records import BackwardRecord, EpochStart, Leaf, PartStats, Reduced, StatBatch
-from gradprobe.ledger.stats import STACK_BELOW, dot, foreach_norms, norms, stacked_norms
+from gradprobe.ledger.stats import dot, foreach_norms, norms, stack_groups, stacked_norms
 
 __all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats", "Reduced"]
 
@@ -78,17 +78,8 @@ def _stored_part(state: LeafState) -> torch.Tensor | None:
 def _measure(parts: list[PartStats], grads: list[torch.Tensor], dtype: torch.dtype) -> None:
     """Statistics of same-device, same-dtype parts: small ones stacked per shape, large ones fused
     (NOTE [batched statistics] in stats.py)."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    large: list[int] = []
-    for i, grad in enumerate(grads):
-        if grad.numel() < STACK_BELOW:
-            by_shape.setdefault(tuple(grad.shape), []).append(i)
-        else:
-            large.append(i)
-    for rows in by_shape.values():
-        if len(rows) == 1:  # a shape of its own: one fused call for all of those
-            large += rows
-            continue
+    groups, large = stack_groups(grads)
+    for rows in groups:
         batch = StatBatch(*stacked_norms([grads[i] for i in rows], dtype))
         for row, i in enumerate(rows):
             part = parts[i]

@@ -6,13 +6,13 @@ sync the host); the analysis layer and the DDP plugin reuse them for what they m
 # NOTE [batched statistics]
 # On the CPU, `torch._foreach_norm` is a loop of one kernel per tensor: ~4.5 µs per small tensor for
 # the 2-norm and as much again for the abs-max, most of a 1,000-tensor model's per-backward cost.
-# Small gradients of one shape (a transformer's per-layer weights and biases, a deep MLP's layers)
+# Small gradients of one shape (a transformer's per-layer biases and norms, a deep MLP's layers)
 # are instead stacked into one (k, n) tensor and reduced along rows: one stack, one 2-norm, one
-# abs-max per shape, 10-20x less per tensor; the stacked copy is small by construction (a shape
-# held by one tensor only joins the fused call of the large ones). A contiguous
+# abs-max per group, several times less per tensor. Each stacked copy (and its abs) holds at most
+# STACK_CHUNK elements, so the extra memory is ~32 KB on any model; a group of one joins the fused
+# per-tensor call of the large tensors, where the data, not the dispatch, is the cost. A contiguous
 # row is reduced by the same kernel as a whole tensor, so each row is bitwise the tensor's own norm
-# (tests/test_hot_path.py checks against PyTorch). Large tensors keep the fused per-tensor path,
-# where the data, not the dispatch, is the cost.
+# (tests/test_hot_path.py checks against PyTorch).
 # NOTE [foreach dtype]
 # `torch._foreach_norm(..., dtype=torch.float32)` on float32 tensors takes a slow path (3.4x slower
 # on 1,000 small CPU tensors, torch 2.13): pass `dtype` only when it upcasts (half, bfloat16).
@@ -27,7 +27,7 @@ import torch
 if TYPE_CHECKING:
     from gradprobe.ledger.records import StatRef
 
-__all__ = ["STACK_BELOW", "absmax", "dot", "foreach_norms", "norms", "read_floats", "stacked_norms", "two_norms"]
+__all__ = ["STACK_BELOW", "STACK_CHUNK", "stack_groups", "absmax", "dot", "foreach_norms", "norms", "read_floats", "stacked_norms", "two_norms"]
 
 _ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
 _INF = float("inf")
@@ -80,17 +80,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def foreach_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``norms`` of many same-device, same-``dtype`` dense tensors, with fused ``_foreach_norm`` calls."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    upcast = acc if dtype != acc else None  # NOTE [batched statistics]
-# On the CPU, `torch._foreach_norm` is a loop of one kernel per tensor: ~4.5 µs per small tensor for
-# the 2-norm and as much again for the abs-max, most of a 1,000-tensor model's per-backward cost.
-# Small gradients of one shape (a transformer's per-layer weights and biases, a deep MLP's layers)
-# are instead stacked into one (k, n) tensor and reduced along rows: one stack, one 2-norm, one
-# abs-max per shape, 10-20x less per tensor; the stacked copy is small by construction (a shape
-# held by one tensor only joins the fused call of the large ones). A contiguous
-# row is reduced by the same kernel as a whole tensor, so each row is bitwise the tensor's own norm
-# (tests/test_hot_path.py checks against PyTorch). Large tensors keep the fused per-tensor path,
-# where the data, not the dispatch, is the cost.
-# NOTE [foreach dtype]
+    upcast = acc if dtype != acc else None  # NOTE [foreach dtype]
     two = torch._foreach_norm(grads, 2, dtype=upcast)
     small = [i for i, g in enumerate(grads) if g.device.type != "cpu" or g.numel() < _AMINMAX_FROM]
     tops: list[torch.Tensor | None] = [None] * len(grads)
@@ -100,7 +90,30 @@ def foreach_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[tuple[t
     return [(n, top if top is not None else absmax(g, acc)) for n, top, g in zip(two, tops, grads)]
 
 
-STACK_BELOW = 65536  # elements: smaller dense tensors are measured stacked (NOTE [batched statistics])
+STACK_BELOW = 2048  # elements: smaller dense tensors are measured stacked (NOTE [batched statistics])
+STACK_CHUNK = 4096  # elements per stacked copy: the extra memory stays ~32 KB whatever the model
+
+
+def stack_groups(grads: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:
+    """Positions of ``grads`` to measure stacked (same shape, at most STACK_CHUNK elements a group,
+    two or more tensors), and the rest, for the fused per-tensor call."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    alone: list[int] = []
+    for i, grad in enumerate(grads):
+        if grad.numel() < STACK_BELOW:
+            by_shape.setdefault(tuple(grad.shape), []).append(i)
+        else:
+            alone.append(i)
+    groups: list[list[int]] = []
+    for rows in by_shape.values():
+        per = max(1, STACK_CHUNK // max(1, grads[rows[0]].numel()))
+        for start in range(0, len(rows), per):
+            chunk = rows[start : start + per]
+            if len(chunk) > 1:
+                groups.append(chunk)
+            else:
+                alone += chunk
+    return groups, alone
 
 
 def stacked_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,19 +134,10 @@ def two_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[StatRef]:
     """2-norms of same-device, same-``dtype`` dense real tensors, as read-back references: small
     ones stacked per shape, large ones with one fused call (NOTE [batched statistics])."""
     out: list[StatRef | None] = [None] * len(grads)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    large: list[int] = []
-    for i, grad in enumerate(grads):
-        if grad.numel() < STACK_BELOW:
-            by_shape.setdefault(tuple(grad.shape), []).append(i)
-        else:
-            large.append(i)
+    groups, large = stack_groups(grads)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     upcast = acc if dtype != acc else None  # NOTE [foreach dtype]
-    for rows in by_shape.values():
-        if len(rows) == 1:  # a shape of its own: one fused call for all of those
-            large += rows
-            continue
+    for rows in groups:
         stacked = torch.stack([grads[i] for i in rows]).reshape(len(rows), grads[rows[0]].numel())
         batch = _vector_norm(stacked, dim=1, dtype=upcast)
         for row, i in enumerate(rows):
