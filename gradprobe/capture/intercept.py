@@ -112,6 +112,11 @@ class Backward:
         return recorder.run_backward(func, args, kwargs)
 
 
+def _TO_RECORDER(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:  # noqa: N802
+    """Marks the backward functions in ``Interceptor.table``; never called (the mode calls the recorder)."""
+    raise AssertionError("gradprobe: the backward marker is not a handler")
+
+
 class Interceptor(TorchFunctionMode):
     """Routes the few torch calls a trace cares about to it; passes everything else straight on."""
 
@@ -121,8 +126,9 @@ class Interceptor(TorchFunctionMode):
         self.watch_grad_reads = False
         self.watch_writes = False
         # func -> handler(func, args, kwargs): the only per-call lookup for functions nobody watches
+        # (backward calls map to _TO_RECORDER: run inline below, one frame less in the user's tracebacks)
         self.table: dict[Any, Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]] = dict.fromkeys(
-            BACKWARD_FUNCTIONS, Backward(self._recorder)
+            BACKWARD_FUNCTIONS, _TO_RECORDER
         )
 
     def _call(self, hook_name: str, **kwargs: Any) -> None:
@@ -141,6 +147,11 @@ class Interceptor(TorchFunctionMode):
             kwargs = {}
         handler = self.table.get(func)
         if handler is not None:
+            if handler is _TO_RECORDER:
+                recorder = self._recorder()
+                if recorder is None:
+                    return func(*args, **kwargs)
+                return recorder.run_backward(func, args, kwargs)
             return handler(func, args, kwargs)
         kind = _WRITES.get(func)
         if kind is _NEVER and "out" not in kwargs:  # NOTE [fast path]: most calls end here
