@@ -15,6 +15,7 @@ import torch
 
 from gradprobe.analysis.decompose import LeafReduction, compute_rows, reduce_rows, weights_of
 from gradprobe.analysis.losses import LOSS_FUNCTIONS, LossBook, find_components
+from gradprobe.analysis.side_effects import HookBook, quiet_passes, scan
 from gradprobe.capture.sites import user_frame
 from gradprobe.analysis.split import FLOOR, RTOL, LeafSplit, Split
 from gradprobe.analysis.split_sources import per_backward_split, read_back
@@ -69,6 +70,8 @@ class Decomposer:
     def __init__(self) -> None:
         self.every = 0
         self.book = LossBook()
+        self.hooks = HookBook()
+        self.skipped: set[str] = set()  # reasons already told (GP410), once each per trace
         self.calls = 0
         self.strategies: dict[frozenset[int], str] = {}
         self.pending: dict[int, _Pending] = {}
@@ -81,7 +84,10 @@ class Decomposer:
     def gradprobe_trace_start(self, trace: Trace) -> None:
         self.every = parse_decompose(trace.decompose)
         if self.every:
-            trace._mode.table.update(dict.fromkeys(LOSS_FUNCTIONS, self._on_loss))
+            table = trace._mode.table
+            table.update(dict.fromkeys(LOSS_FUNCTIONS, self._on_loss))
+            _chain(table, torch.Tensor.register_hook, self.hooks.on_register_hook)
+            _chain(table, torch._C.TensorBase.retain_grad, self.hooks.on_retain_grad)
 
     def _on_loss(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = func(*args, **kwargs)
@@ -98,7 +104,7 @@ class Decomposer:
         root = call.roots[0]
         if root.grad_fn is None or root.numel() != 1:
             return
-        components, rest_leaves = find_components(root, self.book.candidates(trace._names))
+        components, rest_leaves, nodes = find_components(root, self.book.candidates(trace._names))
         rest = bool(rest_leaves)
         if not components or (len(components) == 1 and not rest):
             return
@@ -112,21 +118,35 @@ class Decomposer:
         if not states:
             return
         leaves = [s.leaf.tensor for s in states]
+        hazards = scan(nodes, leaves, self.hooks)
+        if hazards.blocking:
+            self._skip(trace, call, hazards.blocking)
+            return
         key = frozenset(id(t) for t in leaves)
         chosen = self.strategies.get(key)
         derived = None
         computed = list(components)
-        if chosen is not None and not rest:
+        if chosen is not None and not rest and not hazards.hook_names:
             derived = max(range(len(components)), key=lambda i: components[i].size)
             computed.pop(derived)
-        with trace.muted():
-            weights = weights_of(root, components)
-            wmap = dict(zip((c.name for c in components), weights))
-            rows, strategy, note, timings = compute_rows(
-                computed, [wmap[c.name] for c in computed], leaves, chosen  # type: ignore[arg-type]
-            )
+        try:
+            with trace.muted(), quiet_passes(hazards, [root, *leaves]):
+                weights = weights_of(root, components)
+                wmap = dict(zip((c.name for c in components), weights))
+                rows, strategy, note, timings = compute_rows(
+                    computed, [wmap[c.name] for c in computed], leaves, chosen  # type: ignore[arg-type]
+                )
+        except RuntimeError as exc:  # the user's backward code refused to run again (it will run once, as usual)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            self._skip(trace, call, [f"gradprobe's extra autograd passes raised ({first})"])
+            return
         names = [c.name for c in components] + (["(rest)"] if rest else [])
         notes = [note] if note else []
+        if hazards.hook_names:
+            notes.append(
+                "not run in gradprobe's extra passes: " + "; ".join(hazards.hook_names)
+                + " (so every part is computed, and Σ shows whether the hooks change the gradient)"
+            )
         if chosen is None:
             self.strategies[key] = strategy
             told = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in timings.items())
@@ -143,6 +163,25 @@ class Decomposer:
             entry.handles.append(leaf.register_hook(self._reducer(trace, red, entry.derived, keep)))
         self.pending[call.index] = entry
 
+    def _skip(self, trace: Trace, call: BackwardCall, reasons: list[str]) -> None:
+        """One GP410 info finding per reason and trace: this backward is not split, and why."""
+        for reason in reasons:
+            if reason in self.skipped:
+                continue
+            self.skipped.add(reason)
+            trace.emit(
+                Finding(
+                    code="GP410",
+                    kind="decompose_skipped",
+                    severity="info",
+                    message=f"{call.name!r} was not split into per-loss parts: {reason}",
+                    site=call.site,
+                    fix="nothing is wrong with your code; the backward ran once, as without the trace",
+                    plugin="decompose",
+                    data={"reason": reason},
+                )
+            )
+
     @staticmethod
     def _reducer(trace: Trace, red: LeafReduction, derived: int | None, keep: bool) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
@@ -155,6 +194,7 @@ class Decomposer:
     def gradprobe_after_backward(self, trace: Trace, record: BackwardRecord, error: BaseException | None) -> None:
         if not record.retain_graph:
             self.book.release()
+            self.hooks.release()
         entry = self.pending.pop(record.index, None)
         if entry is None:
             return
@@ -172,6 +212,7 @@ class Decomposer:
     @hookimpl
     def gradprobe_trace_end(self, trace: Trace) -> None:
         self.book.release()
+        self.hooks.release()
         for entry in self.pending.values():
             for handle in entry.handles:
                 handle.remove()
@@ -194,6 +235,15 @@ class Decomposer:
             out.append(per)
         self._splits = (version, out)
         return out
+
+
+def _chain(table: dict[Any, Any], func: Any, handler: Callable[..., Any]) -> None:
+    """Route ``func`` through ``handler`` in the interceptor's table, after any handler already there."""
+    before = table.get(func)
+    if before is None:
+        table[func] = handler
+    else:
+        table[func] = lambda f, args, kwargs: handler(lambda *a, **k: before(f, a, k), args, kwargs)
 
 
 def _weight_text(values: list[list[float] | None]) -> str:

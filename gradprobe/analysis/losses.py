@@ -147,15 +147,17 @@ def _iter_until(start: Any, stop: dict[Any, Any]) -> Any:
 
 def find_components(
     root: torch.Tensor, candidates: dict[Any, Candidate]
-) -> tuple[list[Component], frozenset[int]]:
-    """The component groups of ``root``, and the ids of the leaves its rest (paths outside them) reaches."""
+) -> tuple[list[Component], frozenset[int], set[Any]]:
+    """The component groups of ``root``, the ids of the leaves its rest (paths outside them) reaches,
+    and every node of the root's graph (what gradprobe's extra passes may run)."""
     if root.grad_fn is None or not candidates:
-        return [], frozenset()
-    met, rest_leaves, _ = _walk(root.grad_fn, candidates)
+        return [], frozenset(), set()
+    met, rest_leaves, every = _walk(root.grad_fn, candidates)
     inner: set[Any] = set()
     reach: dict[Any, tuple[set[int], int]] = {}
     for node in met:
         _, leaves, nodes = _walk(node, {})
+        every |= nodes
         nodes.discard(node)
         inner |= nodes.intersection(met)
         reach[node] = (leaves, len(nodes) + 1)
@@ -179,4 +181,4 @@ def find_components(
     # a candidate met from the root but also inside another component: the root's own path to it is rest
     for node in inner.intersection(met):
         rest_leaves |= reach[node][0]
-    return components, frozenset(rest_leaves)
+    return components, frozenset(rest_leaves), every
