@@ -473,3 +473,83 @@ def test_loss_functions_reach_the_mode_and_modules_are_named_at_the_call():
         (ce + F.mse_loss(out, torch.zeros_like(out))).backward()
     (split,) = t.splits()
     assert split.losses[0] == f"cross_entropy@test_decompose.py:{line}"
+
+
+class _BigAndTiny(torch.nn.Module):
+    """A wide layer with large gradients and a 16-weight layer whose gradient is ~2e-5 of the largest part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.big = torch.nn.Linear(256, 1024)
+        self.tiny = torch.nn.Linear(4, 4, bias=False)
+
+    def forward(self, x, z):
+        return self.big(x) + F.pad(3e-3 * self.tiny(z), (0, 1020))
+
+
+def test_small_real_conflict_is_shown_not_called_round_off():
+    """A layer far above its round-off but below 1e-4 of the model's largest part: share, cosine, GP400."""
+    from gradprobe.analysis.split import NEGLIGIBLE
+
+    model = _BigAndTiny()
+    x, z = torch.randn(64, 256), torch.randn(64, 4)
+    with gradprobe.trace(model, decompose=True, keep="tensors", on_finding="record") as t:
+        out = model(x, z)
+        up = t.name(F.mse_loss(out, torch.full_like(out, 2.0)), "up")
+        down = t.name(F.mse_loss(out, torch.full_like(out, -2.0)), "down")
+        (up + 0.9 * down).backward()
+    (split,) = t.splits()
+    largest = max(leaf.largest for leaf in split.leaves)
+    tiny = split.leaf("tiny.weight")
+    assert tiny.largest < NEGLIGIBLE * largest  # the old rule called this round-off
+    assert tiny.largest > 100 * max(tiny.roundoff)  # it is not: far above its round-off bound
+    assert not tiny.negligible(0) and not tiny.negligible(1)
+    assert tiny.cosine(0, 1) < -0.5 and all(s is not None for s in tiny.shares)
+    (conflict,) = [f for f in t.findings if f.code == "GP400"]
+    assert "tiny" in dict(conflict.data["modules"]), conflict.message
+    text = _render(t).split("Per-loss split of one backward", 1)[1]
+    row = next(line for line in text.splitlines() if line.strip().startswith("tiny"))
+    assert "%" in row and "-0.8" in row and "≈0" not in row, row
+
+
+def test_float64_norms_of_a_large_layer():
+    """Part norms come from float64 dot products: they match a float64 reference to 1e-9 relative."""
+    w = torch.randn(2000, 2000, requires_grad=True)
+    x = torch.randn(8, 2000)
+    with gradprobe.trace(decompose=True, keep="tensors") as t:
+        out = x @ w
+        a = t.name((out**2).mean(), "a")
+        b = t.name(out.abs().mean(), "b")
+        (a + b).backward()
+    (split,) = t.splits()
+    leaf = split.leaves[0]
+    for i in range(2):
+        want = leaf.parts[i].double().norm().item()
+        assert leaf.norms[i] == pytest.approx(want, rel=1e-9)
+
+
+def test_derived_steps_show_exact_zeros_round_off_and_say_not_checked():
+    """Later (derived) steps: a derived loss that misses a leaf is exactly zero there (and that leaf is
+    checked), a round-off-only derived part shows ≈0, and the split says "derived: not checked"."""
+    model = TinyFPNDetector()
+    x = torch.randn(2, 3, 16, 16)
+    with gradprobe.trace(model, decompose=True, on_finding="record") as t:
+        for _ in range(2):
+            model.zero_grad()
+            losses = t.losses(model.losses(x))
+            (losses["cls"] + losses["box"]).backward()
+    first, second = t.splits()
+    assert first.derived is None and "derived" not in first.check_text
+    assert second.derived in ("cls", "box")
+    d = second.losses.index(second.derived)
+    other_head = "box_head.weight" if second.derived == "cls" else "cls_head.weight"
+    head = second.leaf(other_head)
+    assert not head.reached[d] and head.gram[d][d] == 0.0 and not head.derived and head.check is True
+    trunk = second.leaf("stem.0.weight")
+    assert trunk.derived and trunk.check is None
+    bias = second.leaf("stem.0.bias")  # a conv before BatchNorm: its true gradient is 0
+    assert bias.negligible(d) and bias.negligible(1 - d)
+    assert "derived: not checked" in second.check_text and "Σ ✓" in second.check_text
+    text = _render(t)
+    assert "derived: not checked" in text

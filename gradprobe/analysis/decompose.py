@@ -49,6 +49,8 @@ class LeafReduction:
     error: torch.Tensor | None = None  # max |sum of parts - what the backward added|
     total_absmax: torch.Tensor | None = None  # max |.| of the backward's gradient and of the parts
     parts: torch.Tensor | None = None  # keep="tensors": (k, *shape)
+    derived: bool = False  # one part here is the backward's gradient minus the others (not checked)
+    derived_bound: torch.Tensor | None = None  # round-off of that subtraction, as a norm
     rows: torch.Tensor | None = field(default=None, repr=False)  # pending computed rows, until reduced
 
 
@@ -183,8 +185,10 @@ def reduce_rows(
 ) -> None:
     """Reduce a leaf's pending rows to its Gram matrix and check, against the backward's ``total``.
 
-    ``derived``: position of the part not computed, which is ``total`` minus the computed ones.
-    Runs inside the user's backward (a tensor hook): no host read-back here.
+    ``derived``: position of the part not computed, which is ``total`` minus the computed ones; when
+    that loss does not reach this leaf its part is exactly zero instead, and the computed parts are
+    checked against ``total``. Dot products are accumulated in float64 (NOTE [round-off] in
+    analysis/split.py). Runs inside the user's backward (a tensor hook): no host read-back here.
     """
     with torch.no_grad():
         rows = entry.rows
@@ -193,7 +197,8 @@ def reduce_rows(
         n = 1
         for s in leaf.shape:
             n *= s
-        computed = len(entry.reached) - (1 if derived is not None else 0)
+        k = len(entry.reached)
+        computed = k - (1 if derived is not None else 0)
         if rows is None:
             flat = torch.zeros((computed, n), dtype=leaf.dtype, device=leaf.device)
         else:
@@ -201,12 +206,19 @@ def reduce_rows(
         if total is not None:
             total = (total.to_dense() if total.is_sparse else total).detach().reshape(n)
             entry.total_absmax = total.abs().max() if n else total.new_zeros(())
-        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        f64 = torch.float64
+        if derived is not None and not entry.reached[derived]:
+            flat = torch.cat([flat[:derived], flat.new_zeros((1, n)), flat[derived:]])  # exactly zero
+            derived = None
         if derived is not None:
             if total is None:
                 return  # the backward never reached this leaf: nothing to derive from
+            entry.derived = True
             last = total - flat.sum(0)
-            rows_acc, last_acc = flat.to(acc), last.to(acc)
+            rows_acc, last_acc = flat.to(f64), last.to(f64)
+            # round-off of the subtraction itself: eps * k * |total| + sum |computed| (element-wise, as a norm)
+            spread = total.abs().to(f64) + rows_acc.abs().sum(0)
+            entry.derived_bound = torch.finfo(leaf.dtype).eps * k * torch.linalg.vector_norm(spread)
             cross = rows_acc @ last_acc  # <computed_i, derived>, without stacking a k-th copy
             top = torch.cat([rows_acc @ rows_acc.T, cross[:, None]], 1)
             gram = torch.cat([top, torch.cat([cross, (last_acc @ last_acc)[None]])[None]], 0)
@@ -219,7 +231,7 @@ def reduce_rows(
                 entry.error = (flat.sum(0) - total).abs().max()
                 # round-off scales with the summands, which can be larger than their sum (losses that cancel)
                 entry.total_absmax = torch.maximum(entry.total_absmax, flat.abs().max())
-            rows_acc = flat.to(acc)
+            rows_acc = flat.to(f64)
             entry.gram = rows_acc @ rows_acc.T
         if keep_tensors:
-            entry.parts = flat.reshape(len(entry.reached), *leaf.shape).clone()
+            entry.parts = flat.reshape(k, *leaf.shape).clone()

@@ -17,7 +17,7 @@ from gradprobe.analysis.decompose import LeafReduction, compute_rows, reduce_row
 from gradprobe.analysis.losses import LOSS_FUNCTIONS, LossBook, find_components
 from gradprobe.analysis.side_effects import HookBook, quiet_passes, scan
 from gradprobe.capture.sites import user_frame
-from gradprobe.analysis.split import FLOOR, RTOL, LeafSplit, Split
+from gradprobe.analysis.split import FLOOR, RTOL, LeafSplit, Split, roundoff_bound
 from gradprobe.analysis.split_sources import per_backward_split, read_back
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
@@ -254,26 +254,32 @@ def _weight_text(values: list[list[float] | None]) -> str:
 def _to_split(trace: Trace, entry: _Pending) -> Split:
     tensors: list[torch.Tensor | None] = []
     for red in entry.entries:
-        tensors += [red.gram, red.error, red.total_absmax]
+        tensors += [red.gram, red.error, red.total_absmax, red.derived_bound]
     for ws in entry.weights:
         tensors += ws
     values = read_back(tensors)
-    flat_w = iter(values[3 * len(entry.entries) :])
+    flat_w = iter(values[4 * len(entry.entries) :])
     weights = [_weight_text([next(flat_w) for _ in ws]) for ws in entry.weights]
-    absmaxes = [values[3 * i + 2] for i in range(len(entry.entries))]
-    model_max = max((a[0] for a in absmaxes if a is not None), default=0.0)
+    absmaxes = [values[4 * i + 2] for i in range(len(entry.entries))]
+    model_max = max((a[0] for a in absmaxes if a is not None and math.isfinite(a[0])), default=0.0)
     leaves = []
     k = len(entry.names)
     for i, red in enumerate(entry.entries):
-        gram_v, err_v, absmax_v = values[3 * i : 3 * i + 3]
+        gram_v, err_v, absmax_v, bound_v = values[4 * i : 4 * i + 4]
         gram = None if gram_v is None else tuple(tuple(gram_v[r * k : (r + 1) * k]) for r in range(k))
         error = err_v[0] if err_v is not None else None
         tol = None
         if error is not None and absmax_v is not None:
             tol = RTOL * max(absmax_v[0], FLOOR * model_max)
             error = error if math.isfinite(error) else float("inf")
+        leaf = red.state.leaf
+        bound = roundoff_bound(leaf.numel, leaf.dtype, model_max)
+        roundoff = tuple(
+            bound + (bound_v[0] if bound_v is not None and red.derived and j == entry.derived else 0.0)
+            for j in range(k)
+        )
         parts = tuple(red.parts.unbind(0)) if red.parts is not None else None
-        leaves.append(LeafSplit(red.state.leaf, gram, red.reached, error, tol, parts))
+        leaves.append(LeafSplit(leaf, gram, red.reached, error, tol, parts, roundoff=roundoff, derived=red.derived))
     record = trace._ledger.records[entry.record]
     notes = list(entry.notes)
     derived = entry.names[entry.derived] if entry.derived is not None else None
@@ -281,8 +287,8 @@ def _to_split(trace: Trace, entry: _Pending) -> Split:
         notes.append("(rest): terms of the root outside the named losses = the backward's gradient minus the parts")
     elif derived is not None:
         notes.append(
-            f"{derived}: the backward's own gradient minus the other parts (k-1 extra passes); "
-            "the sum was checked on the first decomposed backward"
+            f"{derived}: your backward's own gradient minus the other parts (k-1 extra passes), so the sum is "
+            "not checked where it reaches; it was checked on the first decomposed backward of this model"
         )
     return Split(
         title=record.name,
