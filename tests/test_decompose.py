@@ -18,6 +18,16 @@ from gradprobe.analysis.decompose_plugin import parse_decompose
 from gradprobe.analysis.losses import LOSS_FUNCTIONS
 
 
+
+@pytest.fixture(autouse=True)
+def _fresh_graph_cache():
+    """Each test starts as a fresh process would: no graph of it decomposed (and checked) before."""
+    from gradprobe.analysis import strategy
+
+    strategy._GRAPHS.clear()
+    yield
+    strategy._GRAPHS.clear()
+
 def _render(t: gradprobe.Trace) -> str:
     buf = io.StringIO()
     t.report(Console(file=buf, width=160))
@@ -553,3 +563,99 @@ def test_derived_steps_show_exact_zeros_round_off_and_say_not_checked():
     assert "derived: not checked" in second.check_text and "Σ ✓" in second.check_text
     text = _render(t)
     assert "derived: not checked" in text
+
+
+def _count_strategies(monkeypatch):
+    import gradprobe.analysis.decompose as dec
+
+    calls = {"batched": 0, "loop": 0}
+    batched, looped = dec._batched, dec._looped
+
+    def spy_batched(*args):
+        calls["batched"] += 1
+        return batched(*args)
+
+    def spy_looped(*args):
+        calls["loop"] += 1
+        return looped(*args)
+
+    monkeypatch.setattr(dec, "_batched", spy_batched)
+    monkeypatch.setattr(dec, "_looped", spy_looped)
+    return calls
+
+
+def test_conv_graph_picks_the_loop_from_the_graph_without_timing(monkeypatch):
+    """A conv + BatchNorm graph: the loop, chosen from the node names; vmap is never tried on the user's step."""
+    calls = _count_strategies(monkeypatch)
+    model = TinyFPNDetector()
+    with gradprobe.trace(model, decompose="every:1", on_finding="record") as t:
+        for _ in range(3):
+            losses = t.losses(model.losses(torch.randn(2, 3, 16, 16)))
+            (losses["cls"] + losses["box"]).backward()
+    assert calls == {"batched": 0, "loop": 3}
+    first = t.splits()[0]
+    assert first.strategy.startswith("loop") and "chosen from the graph" in first.strategy
+    assert "Convolution" in first.strategy
+
+
+def test_vmap_friendly_graph_tries_batched_then_the_loop_once(monkeypatch):
+    """An MLP graph starts batched (from the graph), tries the loop once on a later step, keeps the faster."""
+    calls = _count_strategies(monkeypatch)
+    model = MLP()
+    x = torch.randn(5, 8)
+    with gradprobe.trace(model, decompose=True, on_finding="record") as t:
+        for _ in range(4):
+            l1, l2 = _mlp_two(model, x)
+            (l1 + l2).backward()
+    assert calls["batched"] >= 1 and calls["loop"] >= 1 and sum(calls.values()) == 4
+    strategies = [s.strategy for s in t.splits()]
+    assert strategies[0].startswith("batched") and strategies[1].startswith("loop")
+    assert "faster per loss on this graph" in strategies[3]
+
+
+def test_new_trace_of_a_known_graph_does_not_probe_or_check_again():
+    """Once the process decomposed (and checked) a graph, a new trace derives one part from its first step."""
+    model = TinyFPNDetector()
+    x = torch.randn(2, 3, 16, 16)
+    for round_ in range(2):
+        with gradprobe.trace(model, decompose=True, on_finding="record") as t:
+            losses = t.losses(model.losses(x))
+            (losses["cls"] + losses["box"]).backward()
+        (split,) = t.splits()
+        if round_ == 0:
+            assert split.derived is None and split.check is True
+        else:
+            assert split.derived is not None and "derived: not checked" in split.check_text
+            assert "1 extra pass" in split.strategy
+
+
+def test_each_loss_pass_asks_only_for_the_leaves_it_reaches():
+    """The loop asks autograd.grad of each loss only for the leaves that loss reaches."""
+    from gradprobe.analysis.decompose import _looped
+    from gradprobe.analysis.losses import LossBook, find_components
+
+    model = TinyFPNDetector()
+    cls_out, box_out = model(torch.randn(2, 3, 16, 16))
+    book = LossBook()
+    a = F.mse_loss(cls_out[0], torch.zeros_like(cls_out[0]))
+    b = F.mse_loss(box_out[0], torch.zeros_like(box_out[0]))
+    book.add(a, F.mse_loss, None)
+    book.add(b, F.l1_loss, None)
+    comps, _, _ = find_components(a + b, book.candidates({}))
+    leaves = list(model.parameters())
+    asked = []
+    original = torch.autograd.grad
+
+    def spy(outputs, inputs, *args, **kwargs):
+        asked.append(len(inputs))
+        return original(outputs, inputs, *args, **kwargs)
+
+    torch.autograd.grad = spy
+    try:
+        rows = _looped(comps, [[torch.ones(())] for _ in comps], leaves)
+    finally:
+        torch.autograd.grad = original
+    reach = [sum(1 for p in leaves if id(p) in c.leaves) for c in comps]
+    assert asked == reach and all(r < len(leaves) for r in reach)
+    head = next(i for i, p in enumerate(leaves) if p is model.cls_head.weight)
+    assert rows[head][[c.name for c in comps].index("mse_loss")] is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +18,16 @@ class _Net(nn.Module):
         self.a = nn.Linear(8, 3)
         self.b = nn.Linear(8, 2)
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_graph_cache():
+    """Each test starts as a fresh process would: no graph of it decomposed (and checked) before."""
+    from gradprobe.analysis import strategy
+
+    strategy._GRAPHS.clear()
+    yield
+    strategy._GRAPHS.clear()
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, List, Literal, Optional
 
 import torch
 
@@ -51,7 +51,7 @@ class LeafReduction:
     parts: torch.Tensor | None = None  # keep="tensors": (k, *shape)
     derived: bool = False  # one part here is the backward's gradient minus the others (not checked)
     derived_bound: torch.Tensor | None = None  # round-off of that subtraction, as a norm
-    rows: torch.Tensor | None = field(default=None, repr=False)  # pending computed rows, until reduced
+    rows: list[torch.Tensor | None] | None = field(default=None, repr=False)  # pending computed parts, until reduced
 
 
 def weights_of(root: torch.Tensor, components: list[Component]) -> list[list[torch.Tensor]]:
@@ -70,9 +70,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+Rows = List[Optional[torch.Tensor]]  # per computed loss: its part of one leaf (None: it does not reach it)
+
+
 def _batched(
     components: list[Component], weights: list[list[torch.Tensor]], leaves: list[torch.Tensor]
-) -> tuple[list[torch.Tensor | None], str]:
+) -> tuple[list[Rows | None], str]:
     k = len(components)
     outputs, grad_outputs = [], []
     for b, (comp, ws) in enumerate(zip(components, weights)):
@@ -83,12 +86,18 @@ def _batched(
             grad_outputs.append(go)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rows = torch.autograd.grad(
+        got = torch.autograd.grad(
             outputs, leaves, grad_outputs, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
     slow = sorted({_op_of(str(w.message)) for w in caught if "performance drop" in str(w.message)})
     note = f"vmap had no batching rule for {', '.join(slow)} (ran a per-row fallback)" if slow else ""
-    return list(rows), note
+    rows: list[Rows | None] = []
+    for leaf, g in zip(leaves, got):
+        if g is None:
+            rows.append(None)
+        else:
+            rows.append([None if id(leaf) not in c.leaves else r for c, r in zip(components, g.unbind(0))])
+    return rows, note
 
 
 def _op_of(message: str) -> str:
@@ -99,20 +108,23 @@ def _op_of(message: str) -> str:
 
 def _looped(
     components: list[Component], weights: list[list[torch.Tensor]], leaves: list[torch.Tensor]
-) -> list[torch.Tensor | None]:
-    per_comp = [
-        torch.autograd.grad(list(c.edges), leaves, list(ws), retain_graph=True, allow_unused=True)
-        for c, ws in zip(components, weights)
-    ]
-    rows: list[torch.Tensor | None] = []
-    for j, leaf in enumerate(leaves):
-        got = [g[j] for g in per_comp]
-        if all(g is None for g in got):
-            rows.append(None)
-        elif len(got) == 1:
-            rows.append(got[0][None])  # a view: no copy for a single row
-        else:
-            rows.append(torch.stack([g if g is not None else torch.zeros_like(leaf) for g in got]))
+) -> list[Rows | None]:
+    """One ``autograd.grad`` per loss, each asked only for the leaves that loss reaches."""
+    rows: list[Rows | None] = [None] * len(leaves)
+    for i, (c, ws) in enumerate(zip(components, weights)):
+        wanted = [j for j, leaf in enumerate(leaves) if id(leaf) in c.leaves]
+        if not wanted:
+            continue
+        got = torch.autograd.grad(
+            list(c.edges), [leaves[j] for j in wanted], list(ws), retain_graph=True, allow_unused=True
+        )
+        for j, g in zip(wanted, got):
+            if g is None:
+                continue
+            row = rows[j]
+            if row is None:
+                row = rows[j] = [None] * len(components)
+            row[i] = g
     return rows
 
 
@@ -120,61 +132,35 @@ def compute_rows(
     components: list[Component],
     weights: list[list[torch.Tensor]],
     leaves: list[torch.Tensor],
-    strategy: Strategy | None,
-) -> tuple[list[torch.Tensor | None], Strategy, str, dict[str, float]]:
-    """Rows ``w_i * g_i`` per leaf, as ``(k, *leaf.shape)`` (None: no component reaches the leaf).
+    strategy: Strategy,
+) -> tuple[list[Rows | None], Strategy, str, float]:
+    """Parts ``w_i * g_i`` per leaf (None: no computed loss reaches the leaf), by ``strategy``.
 
-    With ``strategy=None`` both ways are timed and the faster is returned as the choice. Returns
-    (rows, strategy used, note, timings in seconds).
+    Returns (rows, strategy used, note, seconds the passes took). A vmap that cannot run at all
+    falls back to the loop, and the note says so.
     """
     device = leaves[0].device
-    timings: dict[str, float] = {}
     note = ""
-    if len(components) == 1 and strategy is not None:
+    if len(components) == 1:
         strategy = "loop"  # one row: nothing to vectorize
-    rows: list[torch.Tensor | None] | None = None
-    if strategy in (None, "batched"):
-        _sync(device)
-        start = time.perf_counter()
+    _sync(device)
+    start = time.perf_counter()
+    rows: list[Rows | None] | None = None
+    if strategy == "batched":
         try:
             rows, note = _batched(components, weights, leaves)
         except RuntimeError as exc:  # an op vmap cannot run at all
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             note = f"vmap failed ({first[:120]}); used one autograd.grad call per loss"
             strategy = "loop"
-        else:
-            _sync(device)
-            timings["batched"] = time.perf_counter() - start
-    if strategy in (None, "loop"):
-        _sync(device)
-        start = time.perf_counter()
-        looped = _looped(components, weights, leaves)
-        _sync(device)
-        timings["loop"] = time.perf_counter() - start
-        if rows is not None and strategy is None:
-            # a first call pays warm-ups (vmap, the engine's threads): time the slower way once more
-            if timings["loop"] < timings["batched"]:
-                _sync(device)
-                start = time.perf_counter()
-                rows, note = _batched(components, weights, leaves)
-                _sync(device)
-                timings["batched"] = min(timings["batched"], time.perf_counter() - start)
-            else:
-                _sync(device)
-                start = time.perf_counter()
-                looped = _looped(components, weights, leaves)
-                _sync(device)
-                timings["loop"] = min(timings["loop"], time.perf_counter() - start)
-        # the loop must lose clearly: one timing is noisy, and the loop has no vmap fallbacks to hit
-        if rows is None or timings["loop"] < 1.1 * timings.get("batched", float("inf")):
-            rows = looped
-            strategy = "loop"
-        else:
-            strategy = "batched"
-    assert rows is not None and strategy is not None
-    if strategy == "loop" and note.startswith("vmap had"):
-        note = "one call per loss was faster: " + note
-    return rows, strategy, note, timings
+    if rows is None:
+        rows = _looped(components, weights, leaves)
+    _sync(device)
+    return rows, strategy, note, time.perf_counter() - start
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t.to_dense() if t.is_sparse else t
 
 
 def reduce_rows(
@@ -199,10 +185,17 @@ def reduce_rows(
             n *= s
         k = len(entry.reached)
         computed = k - (1 if derived is not None else 0)
-        if rows is None:
-            flat = torch.zeros((computed, n), dtype=leaf.dtype, device=leaf.device)
+        flat = leaf_rows = None
+        if rows is not None and len(rows) == 1 and rows[0] is not None:
+            flat = _dense(rows[0]).reshape(1, n)  # a view: no copy for a single row
+        elif rows is not None:
+            leaf_rows = torch.zeros((computed, n), dtype=leaf.dtype, device=leaf.device)
+            for i, r in enumerate(rows):
+                if r is not None:
+                    leaf_rows[i].copy_(_dense(r).reshape(n))
+            flat = leaf_rows
         else:
-            flat = (rows.to_dense() if rows.is_sparse else rows).reshape(computed, n)
+            flat = torch.zeros((computed, n), dtype=leaf.dtype, device=leaf.device)
         if total is not None:
             total = (total.to_dense() if total.is_sparse else total).detach().reshape(n)
             entry.total_absmax = total.abs().max() if n else total.new_zeros(())

@@ -9,6 +9,7 @@ findings and a report section.
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from gradprobe.analysis.decompose import LeafReduction, compute_rows, reduce_rows, weights_of
 from gradprobe.analysis.losses import LOSS_FUNCTIONS, LossBook, find_components
 from gradprobe.analysis.side_effects import HookBook, quiet_passes, scan
+from gradprobe.analysis.strategy import facts_for, next_strategy, record_passes, signature
 from gradprobe.capture.sites import user_frame
 from gradprobe.analysis.split import FLOOR, RTOL, LeafSplit, Split, roundoff_bound
 from gradprobe.analysis.split_sources import per_backward_split, read_back
@@ -62,6 +64,12 @@ class _Pending:
         self.derived: int | None = None
         self.entries: list[LeafReduction] = []
         self.handles: list[Any] = []
+        self.facts: Any = None
+        self.passes_s = 0.0  # gradprobe's extra passes (before the backward)
+        self.reduce_s = 0.0  # gradprobe's reductions inside the backward's hooks
+        self.started = 0.0  # when the user's backward started
+        self.backward_s: float | None = None  # the user's backward, less the reductions
+        self.device: torch.device | None = None
 
 
 class Decomposer:
@@ -73,7 +81,6 @@ class Decomposer:
         self.hooks = HookBook()
         self.skipped: set[str] = set()  # reasons already told (GP410), once each per trace
         self.calls = 0
-        self.strategies: dict[frozenset[int], str] = {}
         self.pending: dict[int, _Pending] = {}
         self.done: list[_Pending] = []
         self._splits: tuple[int, list[Split]] | None = None
@@ -122,24 +129,26 @@ class Decomposer:
         if hazards.blocking:
             self._skip(trace, call, hazards.blocking)
             return
-        key = frozenset(id(t) for t in leaves)
-        chosen = self.strategies.get(key)
+        sig, node_names = signature(nodes, leaves, components, rest)
+        facts, _ = facts_for(sig, node_names)
+        chosen = next_strategy(facts)
         derived = None
         computed = list(components)
-        if chosen is not None and not rest and not hazards.hook_names:
+        if facts.checked and not rest and not hazards.hook_names:
             derived = max(range(len(components)), key=lambda i: components[i].size)
             computed.pop(derived)
         try:
             with trace.muted(), quiet_passes(hazards, [root, *leaves]):
                 weights = weights_of(root, components)
                 wmap = dict(zip((c.name for c in components), weights))
-                rows, strategy, note, timings = compute_rows(
-                    computed, [wmap[c.name] for c in computed], leaves, chosen  # type: ignore[arg-type]
+                rows, strategy, note, seconds = compute_rows(
+                    computed, [wmap[c.name] for c in computed], leaves, chosen
                 )
         except RuntimeError as exc:  # the user's backward code refused to run again (it will run once, as usual)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             self._skip(trace, call, [f"gradprobe's extra autograd passes raised ({first})"])
             return
+        record_passes(facts, strategy, seconds, len(computed))
         names = [c.name for c in components] + (["(rest)"] if rest else [])
         notes = [note] if note else []
         if hazards.hook_names:
@@ -147,21 +156,22 @@ class Decomposer:
                 "not run in gradprobe's extra passes: " + "; ".join(hazards.hook_names)
                 + " (so every part is computed, and Σ shows whether the hooks change the gradient)"
             )
-        if chosen is None:
-            self.strategies[key] = strategy
-            told = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in timings.items())
-            how = f"{strategy}, chosen by timing on this backward ({told})"
-        else:
-            how = f"{strategy}, {len(computed)} extra pass{'es' * (len(computed) != 1)}"
+        how = _how(strategy, chosen, facts, len(computed), note)
         entry = _Pending(call.index, names, [[w.detach() for w in ws] for ws in weights], how, notes)
         entry.derived = derived if derived is not None else (len(components) if rest else None)
+        entry.facts = facts
+        entry.passes_s = seconds
+        entry.device = leaves[0].device
         keep = trace.keep == "tensors"
         for state, leaf, row in zip(states, leaves, rows):
             flags = tuple(id(leaf) in c.leaves for c in components) + ((id(leaf) in rest_leaves,) if rest else ())
             red = LeafReduction(state, flags, rows=row)
             entry.entries.append(red)
-            entry.handles.append(leaf.register_hook(self._reducer(trace, red, entry.derived, keep)))
+            entry.handles.append(leaf.register_hook(self._reducer(trace, red, entry, keep)))
         self.pending[call.index] = entry
+        if entry.device.type == "cuda":
+            torch.cuda.synchronize(entry.device)
+        entry.started = time.perf_counter()
 
     def _skip(self, trace: Trace, call: BackwardCall, reasons: list[str]) -> None:
         """One GP410 info finding per reason and trace: this backward is not split, and why."""
@@ -183,10 +193,12 @@ class Decomposer:
             )
 
     @staticmethod
-    def _reducer(trace: Trace, red: LeafReduction, derived: int | None, keep: bool) -> Callable[[torch.Tensor], None]:
+    def _reducer(trace: Trace, red: LeafReduction, entry: _Pending, keep: bool) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             if not trace._muted and red.gram is None:
-                reduce_rows(red, grad, derived, keep)
+                start = time.perf_counter()
+                reduce_rows(red, grad, entry.derived, keep)
+                entry.reduce_s += time.perf_counter() - start
 
         return hook
 
@@ -198,11 +210,16 @@ class Decomposer:
         entry = self.pending.pop(record.index, None)
         if entry is None:
             return
+        if entry.device is not None and entry.device.type == "cuda":
+            torch.cuda.synchronize(entry.device)
+        entry.backward_s = max(time.perf_counter() - entry.started - entry.reduce_s, 0.0)
         for handle in entry.handles:
             handle.remove()
         entry.handles = []
         if error is not None:
             return
+        if entry.derived is None or entry.names[entry.derived] != "(rest)":
+            entry.facts.checked = True  # this graph's parts were all computed and checked once
         for red in entry.entries:
             if red.rows is not None or red.gram is None:
                 reduce_rows(red, None, entry.derived, trace.keep == "tensors")
@@ -235,6 +252,24 @@ class Decomposer:
             out.append(per)
         self._splits = (version, out)
         return out
+
+
+def _how(strategy: str, chosen: str, facts: Any, passes: int, note: str) -> str:
+    """The strategy in words: which, why, and how many extra passes."""
+    count = f"{passes} extra pass{'es' * (passes != 1)}" if strategy == "loop" else f"one vectorized call for {passes} losses"
+    if strategy != chosen:
+        why = "vmap could not run this graph"
+    elif facts.slow:
+        shown = ", ".join(facts.slow[:3]) + (" …" if len(facts.slow) > 3 else "")
+        why = f"chosen from the graph: vmap is slow on {shown}"
+    elif len(facts.per_pass) == 2:
+        t = facts.per_pass
+        why = f"faster per loss on this graph (batched {t['batched'] * 1e3:.1f} ms, loop {t['loop'] * 1e3:.1f} ms)"
+    elif strategy == "batched":
+        why = "chosen from the graph: no op in it is slow under vmap"
+    else:
+        why = "timing it against the batched call on this backward"
+    return f"{strategy} ({count}; {why})"
 
 
 def _chain(table: dict[Any, Any], func: Any, handler: Callable[..., Any]) -> None:
