@@ -50,7 +50,6 @@ class LeafReduction:
     total_absmax: torch.Tensor | None = None  # max |.| of the backward's gradient and of the parts
     parts: torch.Tensor | None = None  # keep="tensors": (k, *shape)
     derived: bool = False  # one part here is the backward's gradient minus the others (not checked)
-    derived_bound: torch.Tensor | None = None  # round-off of that subtraction, as a norm
     rows: list[torch.Tensor | None] | None = field(default=None, repr=False)  # pending computed parts, until reduced
 
 
@@ -169,12 +168,13 @@ def reduce_rows(
     derived: int | None,
     keep_tensors: bool,
 ) -> None:
-    """Reduce a leaf's pending rows to its Gram matrix and check, against the backward's ``total``.
+    """Reduce a leaf's pending parts to its Gram matrix and check, against the backward's ``total``.
 
     ``derived``: position of the part not computed, which is ``total`` minus the computed ones; when
     that loss does not reach this leaf its part is exactly zero instead, and the computed parts are
-    checked against ``total``. Dot products are accumulated in float64 (NOTE [round-off] in
-    analysis/split.py). Runs inside the user's backward (a tensor hook): no host read-back here.
+    checked against ``total``. The parts are copied once, into float64, and every sum and dot
+    product is taken there (NOTE [round-off] in analysis/split.py). Runs inside the user's backward
+    (a tensor hook): no host read-back here.
     """
     with torch.no_grad():
         rows = entry.rows
@@ -185,46 +185,50 @@ def reduce_rows(
             n *= s
         k = len(entry.reached)
         computed = k - (1 if derived is not None else 0)
-        flat = leaf_rows = None
-        if rows is not None and len(rows) == 1 and rows[0] is not None:
-            flat = _dense(rows[0]).reshape(1, n)  # a view: no copy for a single row
-        elif rows is not None:
-            leaf_rows = torch.zeros((computed, n), dtype=leaf.dtype, device=leaf.device)
-            for i, r in enumerate(rows):
-                if r is not None:
-                    leaf_rows[i].copy_(_dense(r).reshape(n))
-            flat = leaf_rows
-        else:
-            flat = torch.zeros((computed, n), dtype=leaf.dtype, device=leaf.device)
-        if total is not None:
-            total = (total.to_dense() if total.is_sparse else total).detach().reshape(n)
-            entry.total_absmax = total.abs().max() if n else total.new_zeros(())
         f64 = torch.float64
+        if total is not None:
+            total = _dense(total).detach().reshape(n)
+            entry.total_absmax = torch.linalg.vector_norm(total, float("inf")) if n else total.new_zeros(())
+        zero_row: int | None = None
         if derived is not None and not entry.reached[derived]:
-            flat = torch.cat([flat[:derived], flat.new_zeros((1, n)), flat[derived:]])  # exactly zero
-            derived = None
+            zero_row, derived = derived, None  # the derived loss does not reach this leaf: exactly zero there
+        present = [(i, r) for i, r in enumerate(rows or ()) if r is not None]
+        with_total = derived is not None and total is not None
+        # one float64 matrix: the computed parts (and the backward's gradient when a part is derived)
+        acc = torch.empty((computed + with_total, n), dtype=f64, device=leaf.device)
+        filled = {i for i, _ in present}
+        for i, r in present:
+            acc[i].copy_(_dense(r).reshape(n))
+        for i in range(computed):
+            if i not in filled:
+                acc[i].zero_()
+        del rows, present
+        if with_total:
+            acc[computed].copy_(total)  # type: ignore[arg-type]
         if derived is not None:
             if total is None:
                 return  # the backward never reached this leaf: nothing to derive from
             entry.derived = True
-            last = total - flat.sum(0)
-            rows_acc, last_acc = flat.to(f64), last.to(f64)
-            # round-off of the subtraction itself: eps * k * |total| + sum |computed| (element-wise, as a norm)
-            spread = total.abs().to(f64) + rows_acc.abs().sum(0)
-            entry.derived_bound = torch.finfo(leaf.dtype).eps * k * torch.linalg.vector_norm(spread)
-            cross = rows_acc @ last_acc  # <computed_i, derived>, without stacking a k-th copy
-            top = torch.cat([rows_acc @ rows_acc.T, cross[:, None]], 1)
-            gram = torch.cat([top, torch.cat([cross, (last_acc @ last_acc)[None]])[None]], 0)
+            # <c_i, d> and <d, d> for d = total - sum(c) from one Gram of [c; total], in float64: the
+            # cancellation in <d, d> is ~1e-16 |total|^2, far below the float32 round-off bound of d
+            full = acc @ acc.T
+            gc, ct, tt = full[:computed, :computed], full[:computed, computed], full[computed, computed]
+            cross = ct - gc.sum(1)
+            dd = (tt - 2 * ct.sum() + gc.sum()).clamp_min(0)[None]
+            top = torch.cat([gc, cross[:, None]], 1)
+            gram = torch.cat([top, torch.cat([cross, dd])[None]], 0)
             gram = torch.cat([gram[:derived], gram[-1:], gram[derived:-1]], 0)  # derived row to its place
             entry.gram = torch.cat([gram[:, :derived], gram[:, -1:], gram[:, derived:-1]], 1)
             if keep_tensors:
-                flat = torch.cat([flat[:derived], last[None], flat[derived:]])
+                last = acc[computed] - acc[:computed].sum(0)
+                acc = torch.cat([acc[:derived], last[None], acc[derived:computed]])
         else:
+            if zero_row is not None:
+                acc = torch.cat([acc[:zero_row], acc.new_zeros((1, n)), acc[zero_row:]])
             if total is not None and n:
-                entry.error = (flat.sum(0) - total).abs().max()
+                entry.error = (acc.sum(0) - total).abs().max()
                 # round-off scales with the summands, which can be larger than their sum (losses that cancel)
-                entry.total_absmax = torch.maximum(entry.total_absmax, flat.abs().max())
-            rows_acc = flat.to(f64)
-            entry.gram = rows_acc @ rows_acc.T
+                entry.total_absmax = torch.maximum(entry.total_absmax, acc.abs().max().to(total.dtype))
+            entry.gram = acc @ acc.T
         if keep_tensors:
-            entry.parts = flat.reshape(k, *leaf.shape).clone()
+            entry.parts = acc.to(leaf.dtype).reshape(k, *leaf.shape)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from gradprobe.analysis.decompose import LeafReduction, compute_rows, reduce_rows, weights_of
+from gradprobe.analysis.loss_watch import LossWatch
 from gradprobe.analysis.losses import LOSS_FUNCTIONS, LossBook, find_components
 from gradprobe.analysis.side_effects import HookBook, quiet_passes, scan
 from gradprobe.analysis.strategy import facts_for, next_strategy, record_passes, signature
@@ -95,6 +96,7 @@ class Decomposer:
             table.update(dict.fromkeys(LOSS_FUNCTIONS, self._on_loss))
             _chain(table, torch.Tensor.register_hook, self.hooks.on_register_hook)
             _chain(table, torch._C.TensorBase.retain_grad, self.hooks.on_retain_grad)
+            trace.own_context(LossWatch(self.book))  # losses outside torch.nn.functional (registry)
 
     def _on_loss(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = func(*args, **kwargs)
@@ -289,18 +291,18 @@ def _weight_text(values: list[list[float] | None]) -> str:
 def _to_split(trace: Trace, entry: _Pending) -> Split:
     tensors: list[torch.Tensor | None] = []
     for red in entry.entries:
-        tensors += [red.gram, red.error, red.total_absmax, red.derived_bound]
+        tensors += [red.gram, red.error, red.total_absmax]
     for ws in entry.weights:
         tensors += ws
     values = read_back(tensors)
-    flat_w = iter(values[4 * len(entry.entries) :])
+    flat_w = iter(values[3 * len(entry.entries) :])
     weights = [_weight_text([next(flat_w) for _ in ws]) for ws in entry.weights]
-    absmaxes = [values[4 * i + 2] for i in range(len(entry.entries))]
+    absmaxes = [values[3 * i + 2] for i in range(len(entry.entries))]
     model_max = max((a[0] for a in absmaxes if a is not None and math.isfinite(a[0])), default=0.0)
     leaves = []
     k = len(entry.names)
     for i, red in enumerate(entry.entries):
-        gram_v, err_v, absmax_v, bound_v = values[4 * i : 4 * i + 4]
+        gram_v, err_v, absmax_v = values[3 * i : 3 * i + 3]
         gram = None if gram_v is None else tuple(tuple(gram_v[r * k : (r + 1) * k]) for r in range(k))
         error = err_v[0] if err_v is not None else None
         tol = None
@@ -309,10 +311,12 @@ def _to_split(trace: Trace, entry: _Pending) -> Split:
             error = error if math.isfinite(error) else float("inf")
         leaf = red.state.leaf
         bound = roundoff_bound(leaf.numel, leaf.dtype, model_max)
-        roundoff = tuple(
-            bound + (bound_v[0] if bound_v is not None and red.derived and j == entry.derived else 0.0)
-            for j in range(k)
-        )
+        extra = 0.0
+        if red.derived and gram is not None:
+            # round-off of total - sum(computed): eps * k * (|total| + sum |computed_i|), by the triangle inequality
+            norms = [math.sqrt(max(gram[j][j], 0.0)) for j in range(k) if j != entry.derived]
+            extra = torch.finfo(leaf.dtype).eps * k * (math.sqrt(max(sum(map(sum, gram)), 0.0)) + sum(norms))
+        roundoff = tuple(bound + (extra if red.derived and j == entry.derived else 0.0) for j in range(k))
         parts = tuple(red.parts.unbind(0)) if red.parts is not None else None
         leaves.append(LeafSplit(leaf, gram, red.reached, error, tol, parts, roundoff=roundoff, derived=red.derived))
     record = trace._ledger.records[entry.record]

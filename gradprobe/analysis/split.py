@@ -25,8 +25,8 @@ norms are ``sqrt(G[i][i])``, the projection share of loss i in the sum T is ``su
 # element on the test models, well inside; a real gradient must be ~1e-6 * A (float32) per element
 # to be called round-off. Dividing by the model's largest *part norm* instead (the old rule,
 # 1e-4 of it) hid real gradients of small modules 1e6x above their round-off. A derived part
-# (total - sum of the computed parts) also carries the round-off of that subtraction, measured on
-# the tensors: eps * k * || |total| + sum_i |part_i| ||. Norms and Gram matrices are accumulated in
+# (total - sum of the computed parts) also carries the round-off of that subtraction,
+# eps * k * (||total|| + sum_i ||part_i||), read off the Gram matrix. Norms and Gram matrices are accumulated in
 # float64, so the bound is about the gradients, not about the reductions. Exact zeros (a loss that
 # reaches the leaf but adds exactly 0, or a derived loss that does not reach it) show as zero.
 """
