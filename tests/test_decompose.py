@@ -659,3 +659,21 @@ def test_each_loss_pass_asks_only_for_the_leaves_it_reaches():
     assert asked == reach and all(r < len(leaves) for r in reach)
     head = next(i for i, p in enumerate(leaves) if p is model.cls_head.weight)
     assert rows[head][[c.name for c in comps].index("mse_loss")] is not None
+
+
+def test_report_names_the_strategy_and_its_cost_in_words():
+    """Every split says how it was computed and what it cost next to the user's backward, and on which calls."""
+    model = TinyFPNDetector()
+    x = torch.randn(2, 3, 16, 16)
+    with gradprobe.trace(model, decompose="every:2", on_finding="record") as t:
+        for _ in range(4):
+            model.zero_grad()
+            losses = t.losses(model.losses(x))
+            (losses["cls"] + losses["box"]).backward()
+    first, second = t.splits()
+    assert "split cost" in first.cost and "× your backward" in first.cost and "backward call 1)" in first.cost
+    assert "backward call 3)" in second.cost
+    text = _render(t)
+    assert "Over all 2 decomposed backwards: split cost" in text and "backward calls 1, 3" in text
+    assert "loop (2 extra passes; chosen from the graph" in text and "loop (1 extra pass;" in text
+    assert first.to_dict()["cost"] == first.cost

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from gradprobe.ledger.ledger import LeafState
     from gradprobe.analysis.losses import Component
 
-__all__ = ["LeafReduction", "compute_rows", "reduce_rows", "weights_of"]
+__all__ = ["LeafReduction", "compute_rows", "derived_gram", "reduce_rows", "weights_of"]
 
 Strategy = Literal["batched", "loop"]
 
@@ -49,7 +49,8 @@ class LeafReduction:
     error: torch.Tensor | None = None  # max |sum of parts - what the backward added|
     total_absmax: torch.Tensor | None = None  # max |.| of the backward's gradient and of the parts
     parts: torch.Tensor | None = None  # keep="tensors": (k, *shape)
-    derived: bool = False  # one part here is the backward's gradient minus the others (not checked)
+    derived: int | None = None  # position of the part that is the backward's gradient minus the others;
+    # then ``gram`` is the Gram matrix of [computed parts; the backward's gradient] (see derived_gram)
     rows: list[torch.Tensor | None] | None = field(default=None, repr=False)  # pending computed parts, until reduced
 
 
@@ -158,6 +159,23 @@ def compute_rows(
     return rows, strategy, note, time.perf_counter() - start
 
 
+def derived_gram(raw: list[list[float]], derived: int) -> tuple[tuple[float, ...], ...]:
+    """The k x k Gram matrix of the parts, from the Gram of [computed parts; total] (float64 on the host).
+
+    With d = total - sum_j c_j: <c_i, d> = <c_i, total> - sum_j <c_i, c_j> and
+    <d, d> = <total, total> - 2 sum_i <c_i, total> + sum_ij <c_i, c_j> (clamped at 0).
+    """
+    c = len(raw) - 1
+    gc = [row[:c] for row in raw[:c]]
+    ct = [raw[i][c] for i in range(c)]
+    cross = [ct[i] - sum(gc[i]) for i in range(c)]
+    dd = max(raw[c][c] - 2 * sum(ct) + sum(map(sum, gc)), 0.0)
+    order = list(range(c))
+    order.insert(derived, c)  # the derived part goes to its place among the computed ones
+    full = [row + [x] for row, x in zip(gc, cross)] + [cross + [dd]]
+    return tuple(tuple(full[i][j] for j in order) for i in order)
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.to_dense() if t.is_sparse else t
 
@@ -208,17 +226,11 @@ def reduce_rows(
         if derived is not None:
             if total is None:
                 return  # the backward never reached this leaf: nothing to derive from
-            entry.derived = True
-            # <c_i, d> and <d, d> for d = total - sum(c) from one Gram of [c; total], in float64: the
-            # cancellation in <d, d> is ~1e-16 |total|^2, far below the float32 round-off bound of d
-            full = acc @ acc.T
-            gc, ct, tt = full[:computed, :computed], full[:computed, computed], full[computed, computed]
-            cross = ct - gc.sum(1)
-            dd = (tt - 2 * ct.sum() + gc.sum()).clamp_min(0)[None]
-            top = torch.cat([gc, cross[:, None]], 1)
-            gram = torch.cat([top, torch.cat([cross, dd])[None]], 0)
-            gram = torch.cat([gram[:derived], gram[-1:], gram[derived:-1]], 0)  # derived row to its place
-            entry.gram = torch.cat([gram[:, :derived], gram[:, -1:], gram[:, derived:-1]], 1)
+            # the Gram of [c; total] in float64; <c_i, d> and <d, d> for d = total - sum(c) follow from it
+            # on the host (derived_gram): the cancellation in <d, d> is ~1e-16 |total|^2, far below
+            # the float32 round-off bound of d
+            entry.gram = acc @ acc.T
+            entry.derived = derived
             if keep_tensors:
                 last = acc[computed] - acc[:computed].sum(0)
                 acc = torch.cat([acc[:derived], last[None], acc[derived:computed]])

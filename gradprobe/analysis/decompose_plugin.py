@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from gradprobe.analysis.decompose import LeafReduction, compute_rows, reduce_rows, weights_of
+from gradprobe.analysis.decompose import LeafReduction, compute_rows, derived_gram, reduce_rows, weights_of
 from gradprobe.analysis.loss_watch import LossWatch
 from gradprobe.analysis.losses import LOSS_FUNCTIONS, LossBook, find_components
 from gradprobe.analysis.side_effects import HookBook, quiet_passes, scan
@@ -85,6 +85,7 @@ class Decomposer:
         self.pending: dict[int, _Pending] = {}
         self.done: list[_Pending] = []
         self._splits: tuple[int, list[Split]] | None = None
+        self.cost = ""  # what splitting cost over all decomposed backwards of the trace, in words
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -249,6 +250,7 @@ class Decomposer:
         if self._splits is not None and self._splits[0] == version:
             return self._splits[1]
         out = [_to_split(trace, entry) for entry in self.done]
+        self.cost = _cost_text(self.done)
         per = per_backward_split(trace)
         if per is not None:
             out.append(per)
@@ -303,7 +305,13 @@ def _to_split(trace: Trace, entry: _Pending) -> Split:
     k = len(entry.names)
     for i, red in enumerate(entry.entries):
         gram_v, err_v, absmax_v = values[3 * i : 3 * i + 3]
-        gram = None if gram_v is None else tuple(tuple(gram_v[r * k : (r + 1) * k]) for r in range(k))
+        if gram_v is None:
+            gram = None
+        elif red.derived is not None:
+            c = k  # the Gram of [k-1 computed parts; the backward's gradient]
+            gram = derived_gram([list(gram_v[r * c : (r + 1) * c]) for r in range(c)], red.derived)
+        else:
+            gram = tuple(tuple(gram_v[r * k : (r + 1) * k]) for r in range(k))
         error = err_v[0] if err_v is not None else None
         tol = None
         if error is not None and absmax_v is not None:
@@ -312,13 +320,15 @@ def _to_split(trace: Trace, entry: _Pending) -> Split:
         leaf = red.state.leaf
         bound = roundoff_bound(leaf.numel, leaf.dtype, model_max)
         extra = 0.0
-        if red.derived and gram is not None:
+        if red.derived is not None and gram is not None:
             # round-off of total - sum(computed): eps * k * (|total| + sum |computed_i|), by the triangle inequality
             norms = [math.sqrt(max(gram[j][j], 0.0)) for j in range(k) if j != entry.derived]
             extra = torch.finfo(leaf.dtype).eps * k * (math.sqrt(max(sum(map(sum, gram)), 0.0)) + sum(norms))
-        roundoff = tuple(bound + (extra if red.derived and j == entry.derived else 0.0) for j in range(k))
+        roundoff = tuple(bound + (extra if j == red.derived else 0.0) for j in range(k))
         parts = tuple(red.parts.unbind(0)) if red.parts is not None else None
-        leaves.append(LeafSplit(leaf, gram, red.reached, error, tol, parts, roundoff=roundoff, derived=red.derived))
+        leaves.append(
+            LeafSplit(leaf, gram, red.reached, error, tol, parts, roundoff=roundoff, derived=red.derived is not None)
+        )
     record = trace._ledger.records[entry.record]
     notes = list(entry.notes)
     derived = entry.names[entry.derived] if entry.derived is not None else None
@@ -340,6 +350,27 @@ def _to_split(trace: Trace, entry: _Pending) -> Split:
         strategy=entry.strategy,
         notes=tuple(notes),
         derived=derived,
+        cost=_cost_text([entry]),
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds >= 0.01 else f"{seconds * 1e3:.1f} ms"
+
+
+def _cost_text(entries: list[_Pending]) -> str:
+    """What splitting cost next to the user's own backward, in words, over the given backwards."""
+    timed = [e for e in entries if e.backward_s]
+    if not timed:
+        return ""
+    extra = sum(e.passes_s + e.reduce_s for e in timed)
+    own = sum(e.backward_s for e in timed)  # type: ignore[misc]
+    steps = [str(e.record + 1) for e in timed]
+    shown = ", ".join(steps[:6]) + (", …" if len(steps) > 6 else "")
+    which = f"backward call{'s' * (len(steps) != 1)} {shown}"
+    return (
+        f"split cost {extra / own:.1f}× your backward ({_ms(extra)} for gradprobe's passes and reductions, "
+        f"{_ms(own)} for your backward; wall clock, measured on {which})"
     )
 
 

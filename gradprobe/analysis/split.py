@@ -221,6 +221,7 @@ class Split:
         strategy: how the parts were computed, in words.
         notes: anything the reader must know (fallbacks, what is not exact).
         derived: the part computed as the backward's gradient minus the others, if any.
+        cost: what computing the split cost next to the user's backward, in words (decomposed only).
     """
 
     title: str
@@ -233,6 +234,7 @@ class Split:
     strategy: str
     notes: tuple[str, ...] = ()
     derived: str | None = None
+    cost: str = ""
 
     def modules(self) -> list[ModuleSplit]:
         """Leaves grouped by the module that owns them, in first-seen order."""
@@ -280,6 +282,7 @@ class Split:
             "losses": list(self.losses),
             "weights": list(self.weights) if self.weights else None,
             "strategy": self.strategy,
+            "cost": self.cost,
             "notes": list(self.notes),
             "derived": self.derived,
             "check": self.check,

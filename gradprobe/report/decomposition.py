@@ -101,7 +101,7 @@ def split_table(split: Split, max_leaf_rows: int = 24) -> RenderableType:
         check_cell(split.check),
         end_section=True,
     )
-    captions = [f"computed: {split.strategy}"] + list(split.notes)
+    captions = [f"computed: {split.strategy}"] + ([split.cost] if split.cost else []) + list(split.notes)
     if split.kind == "decomposed":
         captions.append(split.check_text)
     if not show_leaves:
@@ -131,6 +131,9 @@ class DecompositionSection:
         splits = trace.splits()
         decomposed = [s for s in splits if s.kind == "decomposed"]
         out: list[Any] = []
+        cost = getattr(trace._decomposer(), "cost", "")
+        if len(decomposed) > 1 and cost:
+            out.append(Text(f"Over all {len(decomposed)} decomposed backwards: {cost}", style="dim"))
         if len(decomposed) > _MAX_SPLITS:
             out.append(
                 Text(
