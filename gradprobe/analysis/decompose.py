@@ -7,18 +7,23 @@
 # nodes above the losses), so losses used twice or scaled by a tensor are handled exactly.
 
 # NOTE [strategy]
-# The parts w_i * g_i can be had from one vectorized autograd.grad over the k losses
-# (is_grads_batched=True, grad_outputs = rows of a weighted identity) or from k separate calls. The
-# vectorized call runs every backward formula under vmap; some (convolution, batch norm) go through a
-# slow per-row fallback, so on CNNs it can lose to the loop. The first decomposed backward of a model
-# times both, checks the sum of all k parts against what the backward really added, and keeps the
-# faster strategy. Later backwards compute k-1 parts and derive the last one (the loss whose graph is
-# largest, i.e. the most expensive pass) from the backward's own gradient: k-1 extra passes.
+# The parts w_i * g_i come from one vectorized autograd.grad over the k losses (is_grads_batched=True,
+# grad_outputs = rows of a weighted identity) or from one autograd.grad per loss, each asked only for
+# the leaves that loss reaches. Which one is chosen from the graph, never by timing both on the
+# user's step (NOTE [strategy from the graph] in analysis/strategy.py). The first decomposed
+# backward of a graph in the process computes all k parts and checks their sum against what the
+# backward really added; later ones (in this trace or any later trace of the same graph) compute
+# k-1 and derive the last one (the loss whose graph is largest, i.e. the most expensive pass) from
+# the backward's own gradient: k-1 extra passes, and "derived: not checked" where that loss reaches.
+# The extra passes run with the side effects of NOTE [no hidden side effects] switched off.
 
 # NOTE [memory]
-# The rows are held from before the user's backward until that backward's tensor hook on the leaf,
-# which reduces them to a k x k Gram matrix (norms, dots, hence shares and cosines) and the check.
-# Only with keep="tensors" are the parts themselves kept.
+# The computed parts are held from before the user's backward until that backward's tensor hook on
+# the leaf, which copies them (and, when a part is derived, the backward's gradient) into one float64
+# matrix and reduces it to a Gram matrix (norms, dots, hence shares and cosines) and the check.
+# Only with keep="tensors" are the parts themselves kept. Holding k-1 gradient copies until the
+# backward reaches each leaf is the price of exact per-parameter parts in one user backward: the
+# Gram of a derived part needs the backward's own gradient, which exists only then.
 """
 
 from __future__ import annotations
@@ -176,6 +181,14 @@ def derived_gram(raw: list[list[float]], derived: int) -> tuple[tuple[float, ...
     return tuple(tuple(full[i][j] for j in order) for i in order)
 
 
+def _absmax(t: torch.Tensor) -> torch.Tensor:
+    """max |t| (aminmax: one vectorized pass; vector_norm(ord=inf) is ~15x slower on CPU in torch 2.13)."""
+    if t.is_floating_point():
+        low, high = torch.aminmax(t)
+        return torch.maximum(high, -low)
+    return t.abs().max()
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.to_dense() if t.is_sparse else t
 
@@ -206,7 +219,7 @@ def reduce_rows(
         f64 = torch.float64
         if total is not None:
             total = _dense(total).detach().reshape(n)
-            entry.total_absmax = torch.linalg.vector_norm(total, float("inf")) if n else total.new_zeros(())
+            entry.total_absmax = _absmax(total) if n else total.new_zeros(())
         zero_row: int | None = None
         if derived is not None and not entry.reached[derived]:
             zero_row, derived = derived, None  # the derived loss does not reach this leaf: exactly zero there
