@@ -162,13 +162,18 @@ class LossBook:
     def candidates(self, named: dict[int, tuple[Any, str]]) -> dict[Any, Candidate]:
         """Live candidate losses keyed by their ``grad_fn``; names given by the user win."""
         out: dict[Any, Candidate] = {}
+        live = []
         for ref, name in named.values():
             tensor = ref()
             if tensor is not None and tensor.grad_fn is not None and tensor.numel() == 1:
-                out[tensor.grad_fn] = (tensor.output_nr, tensor.shape, name, ("named", name))
+                live.append((tensor.grad_fn._sequence_nr(), tensor, name))
+        # in the order the forward made them: the naming dict's own order is not stable from step to
+        # step (a new tensor that reuses a freed one's id takes its old place)
+        for _, tensor, name in sorted(live, key=lambda x: x[0]):
+            out[tensor.grad_fn] = (tensor.output_nr, tensor.shape, name, ("named", name))
         for node, value in self._found.items():
             out.setdefault(node, value)
-        return out  # named losses first (in naming order), then discovered ones (in call order)
+        return out  # named losses first (in the order they were computed), then discovered ones (in call order)
 
 
 def _walk(start: Any, stop: dict[Any, Any]) -> tuple[list[Any], set[int], set[Any]]:

@@ -83,7 +83,7 @@ def signature(nodes: Any, leaves: list[torch.Tensor], components: list[Component
     sig = (
         frozenset(names.items()),
         tuple((tuple(t.shape), t.dtype, t.device) for t in leaves),
-        tuple((len(c.edges), c.size) for c in components),
+        tuple(sorted((c.name, len(c.edges), c.size) for c in components)),
         rest,
         custom,
     )
