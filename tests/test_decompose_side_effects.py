@@ -207,6 +207,7 @@ def test_retained_grad_is_as_untraced():
     assert torch.equal(kept["h"], plain)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_module_backward_hook_is_not_run_again():
     """A module full backward hook fires once; the backward is not split and GP410 says why."""
     counts = [0]
@@ -237,3 +238,17 @@ def test_hooks_are_restored_after_the_passes():
         assert not model.a.weight._backward_hooks or all(
             "gradprobe" in getattr(f, "__module__", "") for f in model.a.weight._backward_hooks.values()
         )
+
+
+def test_compiled_region_is_split_and_grad_unchanged():
+    """torch.compile's AOTAutograd Function is safe to run again: the backward is split, .grad bitwise untraced."""
+
+    def step(model, x):
+        compiled = torch.compile(model.trunk, backend="aot_eager")
+        h = compiled(x)
+        (F.mse_loss(model.a(h), torch.zeros(4, 3)) + F.l1_loss(model.b(h), torch.ones(4, 2))).backward()
+
+    t = _same(step)
+    assert not _skipped(t)
+    (split,) = [s for s in t.splits() if s.kind == "decomposed"]
+    assert split.check is True and split.leaf("trunk.weight").reached == (True, True)

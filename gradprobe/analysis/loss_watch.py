@@ -22,6 +22,7 @@ from gradprobe.capture.sites import TORCH_DIR, _is_internal
 __all__ = ["LossWatch"]
 
 _Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling  # Dynamo tracing a compiled region: frames are not the user's
 
 
 class LossWatch(TorchFunctionMode):
@@ -39,7 +40,7 @@ class LossWatch(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, _Tensor) and out.grad_fn is not None and out.numel() == 1:
+        if isinstance(out, _Tensor) and not _is_compiling() and out.grad_fn is not None and out.numel() == 1:
             self._look(out)
         return out
 

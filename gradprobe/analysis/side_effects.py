@@ -17,7 +17,8 @@
 #   before the passes is put back afterwards (the hook replaces ``.grad``, never writes into it).
 # - custom ``autograd.Function`` nodes: their backward may keep state, free ``ctx`` buffers (the
 #   user's real backward would then crash), talk to other ranks, or call ``backward()`` itself
-#   (reentrant checkpointing accumulates into ``.grad``). gradprobe cannot tell, so a backward whose
+#   (reentrant checkpointing accumulates into ``.grad``). gradprobe cannot tell (torch.compile's
+#   AOTAutograd Function excepted: a functional graph of saved tensors), so a backward whose
 #   graph holds one is not split, with one info finding (GP410) naming the Function and its line,
 #   unless the class says its backward is pure: ``gradprobe_pure_backward = True`` on the class (or
 #   the class is in ``PURE_BACKWARD_FUNCTIONS``, which plugins may extend).
@@ -107,6 +108,12 @@ def _function_where(cls: type) -> str:
     return f"custom autograd.Function {cls.__qualname__} ({os.path.basename(filename)}:{line})"
 
 
+def _compiled(cls: type) -> bool:
+    """torch.compile's AOTAutograd Function: its backward is a functional graph of saved tensors
+    (random masks saved from the forward), run again under retain_graph as any built-in node."""
+    return cls.__name__ == "CompiledFunction" and cls.__module__.startswith("torch._functorch.")
+
+
 def _user_hook_names(hooks: Any) -> list[str]:
     """Names of the hooks in a tensor's hook dict that are not gradprobe's own."""
     out = []
@@ -133,7 +140,7 @@ def scan(nodes: Any, leaves: list[torch.Tensor], book: HookBook) -> Hazards:
                     "a module backward hook (register_full_backward_hook / register_full_backward_pre_hook) "
                     "runs in this backward, and gradprobe cannot keep it from running in its extra passes"
                 )
-            elif not (getattr(cls, "gradprobe_pure_backward", False) or cls in PURE_BACKWARD_FUNCTIONS):
+            elif not (getattr(cls, "gradprobe_pure_backward", False) or cls in PURE_BACKWARD_FUNCTIONS or _compiled(cls)):
                 out.blocking.append(
                     f"the {_function_where(cls)} may not be safe to run twice (state, freed ctx buffers); "
                     "if its backward is a pure function of ctx and its inputs, set "
