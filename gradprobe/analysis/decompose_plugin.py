@@ -66,6 +66,7 @@ class _Pending:
         self.entries: list[LeafReduction] = []
         self.handles: list[Any] = []
         self.facts: Any = None
+        self.first = False  # the process's first decomposed backward of this graph
         self.passes_s = 0.0  # gradprobe's extra passes (before the backward)
         self.reduce_s = 0.0  # gradprobe's reductions inside the backward's hooks
         self.started = 0.0  # when the user's backward started
@@ -133,7 +134,7 @@ class Decomposer:
             self._skip(trace, call, hazards.blocking)
             return
         sig, node_names = signature(nodes, leaves, components, rest)
-        facts, _ = facts_for(sig, node_names)
+        facts, new_graph = facts_for(sig, node_names)
         chosen = next_strategy(facts)
         derived = None
         computed = list(components)
@@ -163,6 +164,7 @@ class Decomposer:
         entry = _Pending(call.index, names, [[w.detach() for w in ws] for ws in weights], how, notes)
         entry.derived = derived if derived is not None else (len(components) if rest else None)
         entry.facts = facts
+        entry.first = new_graph
         entry.passes_s = seconds
         entry.device = leaves[0].device
         keep = trace.keep == "tensors"
@@ -368,9 +370,15 @@ def _cost_text(entries: list[_Pending]) -> str:
     steps = [str(e.record + 1) for e in timed]
     shown = ", ".join(steps[:6]) + (", …" if len(steps) > 6 else "")
     which = f"backward call{'s' * (len(steps) != 1)} {shown}"
+    first = (
+        "; the process's first backward of this graph also pays PyTorch's one-time set-up of its kernels, "
+        "which your backward then skipped"
+        if any(e.first for e in timed)
+        else ""
+    )
     return (
         f"split cost {extra / own:.1f}× your backward ({_ms(extra)} for gradprobe's passes and reductions, "
-        f"{_ms(own)} for your backward; wall clock, measured on {which})"
+        f"{_ms(own)} for your backward; wall clock, measured on {which}{first})"
     )
 
 
