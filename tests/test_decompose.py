@@ -18,6 +18,16 @@ from gradprobe.analysis.decompose_plugin import parse_decompose
 from gradprobe.analysis.losses import LOSS_FUNCTIONS
 
 
+
+@pytest.fixture(autouse=True)
+def _fresh_graph_cache():
+    """Each test starts as a fresh process would: no graph of it decomposed (and checked) before."""
+    from gradprobe.analysis import strategy
+
+    strategy._GRAPHS.clear()
+    yield
+    strategy._GRAPHS.clear()
+
 def _render(t: gradprobe.Trace) -> str:
     buf = io.StringIO()
     t.report(Console(file=buf, width=160))
@@ -473,3 +483,198 @@ def test_loss_functions_reach_the_mode_and_modules_are_named_at_the_call():
         (ce + F.mse_loss(out, torch.zeros_like(out))).backward()
     (split,) = t.splits()
     assert split.losses[0] == f"cross_entropy@test_decompose.py:{line}"
+
+
+class _BigAndTiny(torch.nn.Module):
+    """A wide layer with large gradients and a 16-weight layer whose gradient is ~2e-5 of the largest part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.big = torch.nn.Linear(256, 1024)
+        self.tiny = torch.nn.Linear(4, 4, bias=False)
+
+    def forward(self, x, z):
+        return self.big(x) + F.pad(3e-3 * self.tiny(z), (0, 1020))
+
+
+def test_small_real_conflict_is_shown_not_called_round_off():
+    """A layer far above its round-off but below 1e-4 of the model's largest part: share, cosine, GP400."""
+    from gradprobe.analysis.split import NEGLIGIBLE
+
+    model = _BigAndTiny()
+    x, z = torch.randn(64, 256), torch.randn(64, 4)
+    with gradprobe.trace(model, decompose=True, keep="tensors", on_finding="record") as t:
+        out = model(x, z)
+        up = t.name(F.mse_loss(out, torch.full_like(out, 2.0)), "up")
+        down = t.name(F.mse_loss(out, torch.full_like(out, -2.0)), "down")
+        (up + 0.9 * down).backward()
+    (split,) = t.splits()
+    largest = max(leaf.largest for leaf in split.leaves)
+    tiny = split.leaf("tiny.weight")
+    assert tiny.largest < NEGLIGIBLE * largest  # the old rule called this round-off
+    assert tiny.largest > 100 * max(tiny.roundoff)  # it is not: far above its round-off bound
+    assert not tiny.negligible(0) and not tiny.negligible(1)
+    assert tiny.cosine(0, 1) < -0.5 and all(s is not None for s in tiny.shares)
+    (conflict,) = [f for f in t.findings if f.code == "GP400"]
+    assert "tiny" in dict(conflict.data["modules"]), conflict.message
+    text = _render(t).split("Per-loss split of one backward", 1)[1]
+    row = next(line for line in text.splitlines() if line.strip().startswith("tiny"))
+    assert "%" in row and "-0.8" in row and "≈0" not in row, row
+
+
+def test_float64_norms_of_a_large_layer():
+    """Part norms come from float64 dot products: they match a float64 reference to 1e-9 relative."""
+    w = torch.randn(2000, 2000, requires_grad=True)
+    x = torch.randn(8, 2000)
+    with gradprobe.trace(decompose=True, keep="tensors") as t:
+        out = x @ w
+        a = t.name((out**2).mean(), "a")
+        b = t.name(out.abs().mean(), "b")
+        (a + b).backward()
+    (split,) = t.splits()
+    leaf = split.leaves[0]
+    for i in range(2):
+        want = leaf.parts[i].double().norm().item()
+        assert leaf.norms[i] == pytest.approx(want, rel=1e-9)
+
+
+def test_derived_steps_show_exact_zeros_round_off_and_say_not_checked():
+    """Later (derived) steps: a derived loss that misses a leaf is exactly zero there (and that leaf is
+    checked), a round-off-only derived part shows ≈0, and the split says "derived: not checked"."""
+    model = TinyFPNDetector()
+    x = torch.randn(2, 3, 16, 16)
+    with gradprobe.trace(model, decompose=True, on_finding="record") as t:
+        for _ in range(2):
+            model.zero_grad()
+            losses = t.losses(model.losses(x))
+            (losses["cls"] + losses["box"]).backward()
+    first, second = t.splits()
+    assert first.derived is None and "derived" not in first.check_text
+    assert second.derived in ("cls", "box")
+    d = second.losses.index(second.derived)
+    other_head = "box_head.weight" if second.derived == "cls" else "cls_head.weight"
+    head = second.leaf(other_head)
+    assert not head.reached[d] and head.gram[d][d] == 0.0 and not head.derived and head.check is True
+    trunk = second.leaf("stem.0.weight")
+    assert trunk.derived and trunk.check is None
+    bias = second.leaf("stem.0.bias")  # a conv before BatchNorm: its true gradient is 0
+    assert bias.negligible(d) and bias.negligible(1 - d)
+    assert "derived: not checked" in second.check_text and "Σ ✓" in second.check_text
+    text = _render(t)
+    assert "derived: not checked" in text
+
+
+def _count_strategies(monkeypatch):
+    import gradprobe.analysis.decompose as dec
+
+    calls = {"batched": 0, "loop": 0}
+    batched, looped = dec._batched, dec._looped
+
+    def spy_batched(*args):
+        calls["batched"] += 1
+        return batched(*args)
+
+    def spy_looped(*args):
+        calls["loop"] += 1
+        return looped(*args)
+
+    monkeypatch.setattr(dec, "_batched", spy_batched)
+    monkeypatch.setattr(dec, "_looped", spy_looped)
+    return calls
+
+
+def test_conv_graph_picks_the_loop_from_the_graph_without_timing(monkeypatch):
+    """A conv + BatchNorm graph: the loop, chosen from the node names; vmap is never tried on the user's step."""
+    calls = _count_strategies(monkeypatch)
+    model = TinyFPNDetector()
+    with gradprobe.trace(model, decompose="every:1", on_finding="record") as t:
+        for _ in range(3):
+            losses = t.losses(model.losses(torch.randn(2, 3, 16, 16)))
+            (losses["cls"] + losses["box"]).backward()
+    assert calls == {"batched": 0, "loop": 3}
+    first = t.splits()[0]
+    assert first.strategy.startswith("loop") and "chosen from the graph" in first.strategy
+    assert "Convolution" in first.strategy
+
+
+def test_vmap_friendly_graph_tries_batched_then_the_loop_once(monkeypatch):
+    """An MLP graph starts batched (from the graph), tries the loop once on a later step, keeps the faster."""
+    calls = _count_strategies(monkeypatch)
+    model = MLP()
+    x = torch.randn(5, 8)
+    with gradprobe.trace(model, decompose=True, on_finding="record") as t:
+        for _ in range(4):
+            l1, l2 = _mlp_two(model, x)
+            (l1 + l2).backward()
+    assert calls["batched"] >= 1 and calls["loop"] >= 1 and sum(calls.values()) == 4
+    strategies = [s.strategy for s in t.splits()]
+    assert strategies[0].startswith("batched") and strategies[1].startswith("loop")
+    assert "faster per loss on this graph" in strategies[3]
+
+
+def test_new_trace_of_a_known_graph_does_not_probe_or_check_again():
+    """Once the process decomposed (and checked) a graph, a new trace derives one part from its first step."""
+    model = TinyFPNDetector()
+    x = torch.randn(2, 3, 16, 16)
+    for round_ in range(2):
+        with gradprobe.trace(model, decompose=True, on_finding="record") as t:
+            losses = t.losses(model.losses(x))
+            (losses["cls"] + losses["box"]).backward()
+        (split,) = t.splits()
+        if round_ == 0:
+            assert split.derived is None and split.check is True
+        else:
+            assert split.derived is not None and "derived: not checked" in split.check_text
+            assert "1 extra pass" in split.strategy
+
+
+def test_each_loss_pass_asks_only_for_the_leaves_it_reaches():
+    """The loop asks autograd.grad of each loss only for the leaves that loss reaches."""
+    from gradprobe.analysis.decompose import _looped
+    from gradprobe.analysis.losses import LossBook, find_components
+
+    model = TinyFPNDetector()
+    cls_out, box_out = model(torch.randn(2, 3, 16, 16))
+    book = LossBook()
+    a = F.mse_loss(cls_out[0], torch.zeros_like(cls_out[0]))
+    b = F.mse_loss(box_out[0], torch.zeros_like(box_out[0]))
+    book.add(a, F.mse_loss, None)
+    book.add(b, F.l1_loss, None)
+    comps, _, _ = find_components(a + b, book.candidates({}))
+    leaves = list(model.parameters())
+    asked = []
+    original = torch.autograd.grad
+
+    def spy(outputs, inputs, *args, **kwargs):
+        asked.append(len(inputs))
+        return original(outputs, inputs, *args, **kwargs)
+
+    torch.autograd.grad = spy
+    try:
+        rows = _looped(comps, [[torch.ones(())] for _ in comps], leaves)
+    finally:
+        torch.autograd.grad = original
+    reach = [sum(1 for p in leaves if id(p) in c.leaves) for c in comps]
+    assert asked == reach and all(r < len(leaves) for r in reach)
+    head = next(i for i, p in enumerate(leaves) if p is model.cls_head.weight)
+    assert rows[head][[c.name for c in comps].index("mse_loss")] is not None
+
+
+def test_report_names_the_strategy_and_its_cost_in_words():
+    """Every split says how it was computed and what it cost next to the user's backward, and on which calls."""
+    model = TinyFPNDetector()
+    x = torch.randn(2, 3, 16, 16)
+    with gradprobe.trace(model, decompose="every:2", on_finding="record") as t:
+        for _ in range(4):
+            model.zero_grad()
+            losses = t.losses(model.losses(x))
+            (losses["cls"] + losses["box"]).backward()
+    first, second = t.splits()
+    assert "split cost" in first.cost and "× your backward" in first.cost and "measured on backward call 1;" in first.cost
+    assert "one-time set-up" in first.cost  # the process's first backward of this graph
+    assert "measured on backward call 3)" in second.cost
+    text = _render(t)
+    assert "Over all 2 decomposed backwards: split cost" in text and "backward calls 1, 3" in text
+    assert "loop (2 extra passes; chosen from the graph" in text and "loop (1 extra pass;" in text
+    assert first.to_dict()["cost"] == first.cost

@@ -9,14 +9,18 @@ findings and a report section.
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from gradprobe.analysis.decompose import LeafReduction, compute_rows, reduce_rows, weights_of
+from gradprobe.analysis.decompose import LeafReduction, compute_rows, derived_gram, reduce_rows, weights_of
+from gradprobe.analysis.loss_watch import LossWatch
 from gradprobe.analysis.losses import LOSS_FUNCTIONS, LossBook, find_components
+from gradprobe.analysis.side_effects import HookBook, quiet_passes, scan
+from gradprobe.analysis.strategy import facts_for, next_strategy, record_passes, signature
 from gradprobe.capture.sites import user_frame
-from gradprobe.analysis.split import FLOOR, RTOL, LeafSplit, Split
+from gradprobe.analysis.split import FLOOR, RTOL, LeafSplit, Split, roundoff_bound
 from gradprobe.analysis.split_sources import per_backward_split, read_back
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
@@ -61,6 +65,13 @@ class _Pending:
         self.derived: int | None = None
         self.entries: list[LeafReduction] = []
         self.handles: list[Any] = []
+        self.facts: Any = None
+        self.first = False  # the process's first decomposed backward of this graph
+        self.passes_s = 0.0  # gradprobe's extra passes (before the backward)
+        self.reduce_s = 0.0  # gradprobe's reductions inside the backward's hooks
+        self.started = 0.0  # when the user's backward started
+        self.backward_s: float | None = None  # the user's backward, less the reductions
+        self.device: torch.device | None = None
 
 
 class Decomposer:
@@ -69,11 +80,13 @@ class Decomposer:
     def __init__(self) -> None:
         self.every = 0
         self.book = LossBook()
+        self.hooks = HookBook()
+        self.skipped: set[str] = set()  # reasons already told (GP410), once each per trace
         self.calls = 0
-        self.strategies: dict[frozenset[int], str] = {}
         self.pending: dict[int, _Pending] = {}
         self.done: list[_Pending] = []
         self._splits: tuple[int, list[Split]] | None = None
+        self.cost = ""  # what splitting cost over all decomposed backwards of the trace, in words
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -81,7 +94,11 @@ class Decomposer:
     def gradprobe_trace_start(self, trace: Trace) -> None:
         self.every = parse_decompose(trace.decompose)
         if self.every:
-            trace._mode.table.update(dict.fromkeys(LOSS_FUNCTIONS, self._on_loss))
+            table = trace._mode.table
+            table.update(dict.fromkeys(LOSS_FUNCTIONS, self._on_loss))
+            _chain(table, torch.Tensor.register_hook, self.hooks.on_register_hook)
+            _chain(table, torch._C.TensorBase.retain_grad, self.hooks.on_retain_grad)
+            trace.own_context(LossWatch(self.book))  # losses outside torch.nn.functional (registry)
 
     def _on_loss(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = func(*args, **kwargs)
@@ -98,7 +115,7 @@ class Decomposer:
         root = call.roots[0]
         if root.grad_fn is None or root.numel() != 1:
             return
-        components, rest_leaves = find_components(root, self.book.candidates(trace._names))
+        components, rest_leaves, nodes = find_components(root, self.book.candidates(trace._names))
         rest = bool(rest_leaves)
         if not components or (len(components) == 1 and not rest):
             return
@@ -112,42 +129,81 @@ class Decomposer:
         if not states:
             return
         leaves = [s.leaf.tensor for s in states]
-        key = frozenset(id(t) for t in leaves)
-        chosen = self.strategies.get(key)
+        hazards = scan(nodes, leaves, self.hooks)
+        if hazards.blocking:
+            self._skip(trace, call, hazards.blocking)
+            return
+        sig, node_names = signature(nodes, leaves, components, rest)
+        facts, new_graph = facts_for(sig, node_names)
+        chosen = next_strategy(facts)
         derived = None
         computed = list(components)
-        if chosen is not None and not rest:
+        if facts.checked and not rest and not hazards.hook_names:
             derived = max(range(len(components)), key=lambda i: components[i].size)
             computed.pop(derived)
-        with trace.muted():
-            weights = weights_of(root, components)
-            wmap = dict(zip((c.name for c in components), weights))
-            rows, strategy, note, timings = compute_rows(
-                computed, [wmap[c.name] for c in computed], leaves, chosen  # type: ignore[arg-type]
-            )
+        try:
+            with trace.muted(), quiet_passes(hazards, [root, *leaves]):
+                weights = weights_of(root, components)
+                wmap = dict(zip((c.name for c in components), weights))
+                rows, strategy, note, seconds = compute_rows(
+                    computed, [wmap[c.name] for c in computed], leaves, chosen
+                )
+        except RuntimeError as exc:  # the user's backward code refused to run again (it will run once, as usual)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            self._skip(trace, call, [f"gradprobe's extra autograd passes raised ({first})"])
+            return
+        record_passes(facts, strategy, seconds, len(computed))
         names = [c.name for c in components] + (["(rest)"] if rest else [])
         notes = [note] if note else []
-        if chosen is None:
-            self.strategies[key] = strategy
-            told = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in timings.items())
-            how = f"{strategy}, chosen by timing on this backward ({told})"
-        else:
-            how = f"{strategy}, {len(computed)} extra pass{'es' * (len(computed) != 1)}"
+        if hazards.hook_names:
+            notes.append(
+                "not run in gradprobe's extra passes: " + "; ".join(hazards.hook_names)
+                + " (so every part is computed, and Σ shows whether the hooks change the gradient)"
+            )
+        how = _how(strategy, chosen, facts, len(computed), note)
         entry = _Pending(call.index, names, [[w.detach() for w in ws] for ws in weights], how, notes)
         entry.derived = derived if derived is not None else (len(components) if rest else None)
+        entry.facts = facts
+        entry.first = new_graph
+        entry.passes_s = seconds
+        entry.device = leaves[0].device
         keep = trace.keep == "tensors"
         for state, leaf, row in zip(states, leaves, rows):
             flags = tuple(id(leaf) in c.leaves for c in components) + ((id(leaf) in rest_leaves,) if rest else ())
             red = LeafReduction(state, flags, rows=row)
             entry.entries.append(red)
-            entry.handles.append(leaf.register_hook(self._reducer(trace, red, entry.derived, keep)))
+            entry.handles.append(leaf.register_hook(self._reducer(trace, red, entry, keep)))
         self.pending[call.index] = entry
+        if entry.device.type == "cuda":
+            torch.cuda.synchronize(entry.device)
+        entry.started = time.perf_counter()
+
+    def _skip(self, trace: Trace, call: BackwardCall, reasons: list[str]) -> None:
+        """One GP410 info finding per reason and trace: this backward is not split, and why."""
+        for reason in reasons:
+            if reason in self.skipped:
+                continue
+            self.skipped.add(reason)
+            trace.emit(
+                Finding(
+                    code="GP410",
+                    kind="decompose_skipped",
+                    severity="info",
+                    message=f"{call.name!r} was not split into per-loss parts: {reason}",
+                    site=call.site,
+                    fix="nothing is wrong with your code; the backward ran once, as without the trace",
+                    plugin="decompose",
+                    data={"reason": reason},
+                )
+            )
 
     @staticmethod
-    def _reducer(trace: Trace, red: LeafReduction, derived: int | None, keep: bool) -> Callable[[torch.Tensor], None]:
+    def _reducer(trace: Trace, red: LeafReduction, entry: _Pending, keep: bool) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             if not trace._muted and red.gram is None:
-                reduce_rows(red, grad, derived, keep)
+                start = time.perf_counter()
+                reduce_rows(red, grad, entry.derived, keep)
+                entry.reduce_s += time.perf_counter() - start
 
         return hook
 
@@ -155,14 +211,20 @@ class Decomposer:
     def gradprobe_after_backward(self, trace: Trace, record: BackwardRecord, error: BaseException | None) -> None:
         if not record.retain_graph:
             self.book.release()
+            self.hooks.release()
         entry = self.pending.pop(record.index, None)
         if entry is None:
             return
+        if entry.device is not None and entry.device.type == "cuda":
+            torch.cuda.synchronize(entry.device)
+        entry.backward_s = max(time.perf_counter() - entry.started - entry.reduce_s, 0.0)
         for handle in entry.handles:
             handle.remove()
         entry.handles = []
         if error is not None:
             return
+        if entry.derived is None or entry.names[entry.derived] != "(rest)":
+            entry.facts.checked = True  # this graph's parts were all computed and checked once
         for red in entry.entries:
             if red.rows is not None or red.gram is None:
                 reduce_rows(red, None, entry.derived, trace.keep == "tensors")
@@ -172,6 +234,7 @@ class Decomposer:
     @hookimpl
     def gradprobe_trace_end(self, trace: Trace) -> None:
         self.book.release()
+        self.hooks.release()
         for entry in self.pending.values():
             for handle in entry.handles:
                 handle.remove()
@@ -189,11 +252,39 @@ class Decomposer:
         if self._splits is not None and self._splits[0] == version:
             return self._splits[1]
         out = [_to_split(trace, entry) for entry in self.done]
+        self.cost = _cost_text(self.done)
         per = per_backward_split(trace)
         if per is not None:
             out.append(per)
         self._splits = (version, out)
         return out
+
+
+def _how(strategy: str, chosen: str, facts: Any, passes: int, note: str) -> str:
+    """The strategy in words: which, why, and how many extra passes."""
+    count = f"{passes} extra pass{'es' * (passes != 1)}" if strategy == "loop" else f"one vectorized call for {passes} losses"
+    if strategy != chosen:
+        why = "vmap could not run this graph"
+    elif facts.slow:
+        shown = ", ".join(facts.slow[:3]) + (" …" if len(facts.slow) > 3 else "")
+        why = f"chosen from the graph: vmap is slow on {shown}"
+    elif len(facts.per_pass) == 2:
+        t = facts.per_pass
+        why = f"faster per loss on this graph (batched {t['batched'] * 1e3:.1f} ms, loop {t['loop'] * 1e3:.1f} ms)"
+    elif strategy == "batched":
+        why = "chosen from the graph: no op in it is slow under vmap"
+    else:
+        why = "timing it against the batched call on this backward"
+    return f"{strategy} ({count}; {why})"
+
+
+def _chain(table: dict[Any, Any], func: Any, handler: Callable[..., Any]) -> None:
+    """Route ``func`` through ``handler`` in the interceptor's table, after any handler already there."""
+    before = table.get(func)
+    if before is None:
+        table[func] = handler
+    else:
+        table[func] = lambda f, args, kwargs: handler(lambda *a, **k: before(f, a, k), args, kwargs)
 
 
 def _weight_text(values: list[list[float] | None]) -> str:
@@ -211,19 +302,35 @@ def _to_split(trace: Trace, entry: _Pending) -> Split:
     flat_w = iter(values[3 * len(entry.entries) :])
     weights = [_weight_text([next(flat_w) for _ in ws]) for ws in entry.weights]
     absmaxes = [values[3 * i + 2] for i in range(len(entry.entries))]
-    model_max = max((a[0] for a in absmaxes if a is not None), default=0.0)
+    model_max = max((a[0] for a in absmaxes if a is not None and math.isfinite(a[0])), default=0.0)
     leaves = []
     k = len(entry.names)
     for i, red in enumerate(entry.entries):
         gram_v, err_v, absmax_v = values[3 * i : 3 * i + 3]
-        gram = None if gram_v is None else tuple(tuple(gram_v[r * k : (r + 1) * k]) for r in range(k))
+        if gram_v is None:
+            gram = None
+        elif red.derived is not None:
+            c = k  # the Gram of [k-1 computed parts; the backward's gradient]
+            gram = derived_gram([list(gram_v[r * c : (r + 1) * c]) for r in range(c)], red.derived)
+        else:
+            gram = tuple(tuple(gram_v[r * k : (r + 1) * k]) for r in range(k))
         error = err_v[0] if err_v is not None else None
         tol = None
         if error is not None and absmax_v is not None:
             tol = RTOL * max(absmax_v[0], FLOOR * model_max)
             error = error if math.isfinite(error) else float("inf")
+        leaf = red.state.leaf
+        bound = roundoff_bound(leaf.numel, leaf.dtype, model_max)
+        extra = 0.0
+        if red.derived is not None and gram is not None:
+            # round-off of total - sum(computed): eps * k * (|total| + sum |computed_i|), by the triangle inequality
+            norms = [math.sqrt(max(gram[j][j], 0.0)) for j in range(k) if j != entry.derived]
+            extra = torch.finfo(leaf.dtype).eps * k * (math.sqrt(max(sum(map(sum, gram)), 0.0)) + sum(norms))
+        roundoff = tuple(bound + (extra if j == red.derived else 0.0) for j in range(k))
         parts = tuple(red.parts.unbind(0)) if red.parts is not None else None
-        leaves.append(LeafSplit(red.state.leaf, gram, red.reached, error, tol, parts))
+        leaves.append(
+            LeafSplit(leaf, gram, red.reached, error, tol, parts, roundoff=roundoff, derived=red.derived is not None)
+        )
     record = trace._ledger.records[entry.record]
     notes = list(entry.notes)
     derived = entry.names[entry.derived] if entry.derived is not None else None
@@ -231,8 +338,8 @@ def _to_split(trace: Trace, entry: _Pending) -> Split:
         notes.append("(rest): terms of the root outside the named losses = the backward's gradient minus the parts")
     elif derived is not None:
         notes.append(
-            f"{derived}: the backward's own gradient minus the other parts (k-1 extra passes); "
-            "the sum was checked on the first decomposed backward"
+            f"{derived}: your backward's own gradient minus the other parts (k-1 extra passes), so the sum is "
+            "not checked where it reaches; it was checked on the first decomposed backward of this model"
         )
     return Split(
         title=record.name,
@@ -245,6 +352,33 @@ def _to_split(trace: Trace, entry: _Pending) -> Split:
         strategy=entry.strategy,
         notes=tuple(notes),
         derived=derived,
+        cost=_cost_text([entry]),
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds >= 0.01 else f"{seconds * 1e3:.1f} ms"
+
+
+def _cost_text(entries: list[_Pending]) -> str:
+    """What splitting cost next to the user's own backward, in words, over the given backwards."""
+    timed = [e for e in entries if e.backward_s]
+    if not timed:
+        return ""
+    extra = sum(e.passes_s + e.reduce_s for e in timed)
+    own = sum(e.backward_s for e in timed)  # type: ignore[misc]
+    steps = [str(e.record + 1) for e in timed]
+    shown = ", ".join(steps[:6]) + (", …" if len(steps) > 6 else "")
+    which = f"backward call{'s' * (len(steps) != 1)} {shown}"
+    first = (
+        "; the process's first backward of this graph also pays PyTorch's one-time set-up of its kernels, "
+        "which your backward then skipped"
+        if any(e.first for e in timed)
+        else ""
+    )
+    return (
+        f"split cost {extra / own:.1f}× your backward ({_ms(extra)} for gradprobe's passes and reductions, "
+        f"{_ms(own)} for your backward; wall clock, measured on {which}{first})"
     )
 
 

@@ -36,7 +36,7 @@ from torch.autograd.graph import GradientEdge
 if TYPE_CHECKING:
     from types import FrameType
 
-__all__ = ["LOSS_FUNCTIONS", "Component", "LossBook", "find_components"]
+__all__ = ["LOSS_CODE_NAMES", "LOSS_FUNCTIONS", "Component", "LossBook", "call_key", "find_components", "register_loss"]
 
 _LOSS_NAMES = (
     "binary_cross_entropy",
@@ -63,6 +63,61 @@ _LOSS_NAMES = (
 )
 LOSS_FUNCTIONS: tuple[Callable[..., Any], ...] = tuple(getattr(F, n) for n in _LOSS_NAMES if hasattr(F, n))
 
+# NOTE [loss functions outside torch.nn.functional]
+# Loss functions written in Python elsewhere (torchvision.ops, detection and segmentation code) are
+# plain functions the interceptor never sees. They are recognised by the name of the function
+# whose frame computes a scalar (see analysis/loss_watch.py): every scalar with a graph made
+# directly in such a frame is a candidate; scalars made on the way to the returned one fall inside
+# its graph and are dropped as parts of it. The names below are those of torchvision.ops
+# (sigmoid_focal_loss, the box IoU losses) and common re-implementations; plugins extend the
+# registry with :func:`register_loss` (a function, or the name of one).
+LOSS_CODE_NAMES: set[str] = {
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_jit",
+    "py_sigmoid_focal_loss",
+    "focal_loss",
+    "softmax_focal_loss",
+    "generalized_box_iou_loss",
+    "distance_box_iou_loss",
+    "complete_box_iou_loss",
+    "giou_loss",
+    "diou_loss",
+    "ciou_loss",
+    "iou_loss",
+    "dice_loss",
+    "sigmoid_dice_loss",
+    "tversky_loss",
+    "lovasz_softmax",
+    "lovasz_hinge",
+    "label_smoothing_cross_entropy",
+    "info_nce",
+    "info_nce_loss",
+    "contrastive_loss",
+    "triplet_loss",
+}
+_FRAMES_IN_KEY = 4  # call-stack depth that tells call sites apart (per decoder layer vs final layer)
+
+
+def register_loss(function: Callable[..., Any] | str) -> None:
+    """Recognise ``function`` (or any function of that name) as a loss while decomposing."""
+    name = function if isinstance(function, str) else getattr(function, "__name__", None)
+    if not name:
+        raise TypeError(f"register_loss() takes a function or its name, got {function!r}")
+    LOSS_CODE_NAMES.add(name)
+
+
+def call_key(frame: FrameType | None) -> Hashable:
+    """The call site of a loss: bytecode positions of the user's frames, innermost first.
+
+    Calls from one place in a loop (one per pyramid level, per decoder layer) share a key; the same
+    loss line reached from two places (the final layer's loss and the auxiliary ones) does not.
+    """
+    key = []
+    while frame is not None and len(key) < _FRAMES_IN_KEY:
+        key.append((frame.f_code, frame.f_lasti))
+        frame = frame.f_back
+    return tuple(key)
+
 Candidate = Tuple[int, torch.Size, str, Hashable]  # output_nr, shape, display name, group key
 
 
@@ -83,20 +138,21 @@ class LossBook:
     def __init__(self) -> None:
         self._found: dict[Any, Candidate] = {}  # grad_fn node -> (output_nr, shape, name, group key)
 
-    def add(self, out: Any, func: Callable[..., Any], frame: FrameType | None) -> None:
-        """Remember the output of a loss function (called from the interceptor).
+    def add(self, out: Any, func: Callable[..., Any] | str, frame: FrameType | None, inner: Hashable = None) -> None:
+        """Remember the output of a loss function (called from the interceptor or the loss watch).
 
-        Calls from one bytecode position (a loop over pyramid levels) share a group; two calls on
-        one line are two groups.
+        Calls from one call site (a loop over pyramid levels) share a group; two calls on one line
+        are two groups (see :func:`call_key`). ``inner``: where inside a recognised loss function
+        the scalar was made (two losses of one function call are two groups).
         """
         if not isinstance(out, torch.Tensor) or out.grad_fn is None or out.numel() != 1:
             return
-        name = getattr(func, "__name__", "loss")
+        name = func if isinstance(func, str) else getattr(func, "__name__", "loss")
         if frame is not None:
             name = f"{name}@{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
-            key: Hashable = (frame.f_code, frame.f_lasti)
+            key: Hashable = (call_key(frame), inner)
         else:
-            key = name
+            key = (name, inner)
         self._found.setdefault(out.grad_fn, (out.output_nr, out.shape, name, key))
 
     def release(self) -> None:
@@ -106,13 +162,18 @@ class LossBook:
     def candidates(self, named: dict[int, tuple[Any, str]]) -> dict[Any, Candidate]:
         """Live candidate losses keyed by their ``grad_fn``; names given by the user win."""
         out: dict[Any, Candidate] = {}
+        live = []
         for ref, name in named.values():
             tensor = ref()
             if tensor is not None and tensor.grad_fn is not None and tensor.numel() == 1:
-                out[tensor.grad_fn] = (tensor.output_nr, tensor.shape, name, ("named", name))
+                live.append((tensor.grad_fn._sequence_nr(), tensor, name))
+        # in the order the forward made them: the naming dict's own order is not stable from step to
+        # step (a new tensor that reuses a freed one's id takes its old place)
+        for _, tensor, name in sorted(live, key=lambda x: x[0]):
+            out[tensor.grad_fn] = (tensor.output_nr, tensor.shape, name, ("named", name))
         for node, value in self._found.items():
             out.setdefault(node, value)
-        return out  # named losses first (in naming order), then discovered ones (in call order)
+        return out  # named losses first (in the order they were computed), then discovered ones (in call order)
 
 
 def _walk(start: Any, stop: dict[Any, Any]) -> tuple[list[Any], set[int], set[Any]]:
@@ -147,15 +208,17 @@ def _iter_until(start: Any, stop: dict[Any, Any]) -> Any:
 
 def find_components(
     root: torch.Tensor, candidates: dict[Any, Candidate]
-) -> tuple[list[Component], frozenset[int]]:
-    """The component groups of ``root``, and the ids of the leaves its rest (paths outside them) reaches."""
+) -> tuple[list[Component], frozenset[int], set[Any]]:
+    """The component groups of ``root``, the ids of the leaves its rest (paths outside them) reaches,
+    and every node of the root's graph (what gradprobe's extra passes may run)."""
     if root.grad_fn is None or not candidates:
-        return [], frozenset()
-    met, rest_leaves, _ = _walk(root.grad_fn, candidates)
+        return [], frozenset(), set()
+    met, rest_leaves, every = _walk(root.grad_fn, candidates)
     inner: set[Any] = set()
     reach: dict[Any, tuple[set[int], int]] = {}
     for node in met:
         _, leaves, nodes = _walk(node, {})
+        every |= nodes
         nodes.discard(node)
         inner |= nodes.intersection(met)
         reach[node] = (leaves, len(nodes) + 1)
@@ -167,11 +230,13 @@ def find_components(
             groups.setdefault(candidates[node][3], []).append(node)
     components = []
     used: dict[str, int] = {}
-    for nodes_ in groups.values():
+    for key, nodes_ in groups.items():
         name = candidates[nodes_[0]][2]
         used[name] = used.get(name, 0) + 1
         if used[name] > 1:  # two calls on one line
             name = f"{name}#{used[name]}"
+        if len(nodes_) > 1 and not (isinstance(key, tuple) and key and key[0] == "named"):
+            name = f"{name} ×{len(nodes_)}"  # one call site reached several times (levels, layers)
         leaves = set().union(*(reach[n][0] for n in nodes_))
         edges = tuple(GradientEdge(n, candidates[n][0]) for n in nodes_)
         shapes = tuple(candidates[n][1] for n in nodes_)
@@ -179,4 +244,4 @@ def find_components(
     # a candidate met from the root but also inside another component: the root's own path to it is rest
     for node in inner.intersection(met):
         rest_leaves |= reach[node][0]
-    return components, frozenset(rest_leaves)
+    return components, frozenset(rest_leaves), every

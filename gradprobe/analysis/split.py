@@ -15,6 +15,20 @@ norms are ``sqrt(G[i][i])``, the projection share of loss i in the sum T is ``su
 # parts larger than their sum). FLOOR = 0.1: the bias of a conv before BatchNorm has a true gradient
 # of 0 and a float32 one of ~4e-8 * the model's largest; its parts then sum to within ~7e-8 * that
 # (a CNN with four heads), 0.07 of this bound; every other leaf of the test models is under 0.01.
+
+# NOTE [round-off]
+# "≈0" means: this part is within the round-off bound of its leaf, so neither its size nor its
+# direction can be read. The bound is estimated from the leaf's size and dtype and the backward's
+# scale: ROUNDOFF_FACTOR * eps(dtype) * sqrt(numel) * A, where A is the largest |element| of any
+# gradient (or part) of that backward. A gradient that is exactly zero in exact arithmetic but is a
+# float sum of terms that cancel (the bias of a conv before BatchNorm) comes out at ~0.3 eps * A per
+# element on the test models, well inside; a real gradient must be ~1e-6 * A (float32) per element
+# to be called round-off. Dividing by the model's largest *part norm* instead (the old rule,
+# 1e-4 of it) hid real gradients of small modules 1e6x above their round-off. A derived part
+# (total - sum of the computed parts) also carries the round-off of that subtraction,
+# eps * k * (||total|| + sum_i ||part_i||), read off the Gram matrix. Norms and Gram matrices are accumulated in
+# float64, so the bound is about the gradients, not about the reductions. Exact zeros (a loss that
+# reaches the leaf but adds exactly 0, or a derived loss that does not reach it) show as zero.
 """
 
 from __future__ import annotations
@@ -29,13 +43,33 @@ if TYPE_CHECKING:
     from gradprobe.ledger.ledger import Leaf
     from gradprobe.capture.sites import Site
 
-__all__ = ["CONFLICT_COSINE", "FLOOR", "NEGLIGIBLE", "RTOL", "GramView", "LeafSplit", "ModuleSplit", "Split"]
+__all__ = [
+    "CONFLICT_COSINE",
+    "FLOOR",
+    "NEGLIGIBLE",
+    "ROUNDOFF_FACTOR",
+    "RTOL",
+    "GramView",
+    "LeafSplit",
+    "ModuleSplit",
+    "Split",
+    "roundoff_bound",
+]
 
 RTOL = 1e-5
 FLOOR = 0.1
 CONFLICT_COSINE = -0.5  # "strongly negative": the two losses pull against each other
 _MIN_RATIO = 0.1  # ...and the weaker pulls with at least this fraction of the stronger's norm
-NEGLIGIBLE = 1e-4  # a gradient this small next to the model's largest part is round-off: no cosine read into it
+NEGLIGIBLE = 1e-4  # fallback only, for views without a round-off bound (see NOTE [round-off])
+ROUNDOFF_FACTOR = 8.0
+
+
+def roundoff_bound(numel: int, dtype: torch.dtype, scale: float) -> float:
+    """Norm below which a part of a leaf of ``numel`` elements of ``dtype`` is round-off (NOTE [round-off])."""
+    import torch
+
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point or dtype.is_complex else 0.0
+    return ROUNDOFF_FACTOR * eps * math.sqrt(max(numel, 1)) * scale
 
 
 class GramView:
@@ -43,6 +77,7 @@ class GramView:
 
     gram: tuple[tuple[float, ...], ...] | None
     reached: tuple[bool, ...]
+    roundoff: tuple[float, ...] | None  # per part: norm bound of round-off (NOTE [round-off])
 
     @property
     def norms(self) -> tuple[float | None, ...]:
@@ -78,6 +113,19 @@ class GramView:
         """Reached by loss ``i``, but its part is exactly zero."""
         return self.reached[i] and self.gram is not None and self.gram[i][i] == 0.0
 
+    def negligible(self, i: int, scale: float = 0.0) -> bool:
+        """Part ``i`` is non-zero but within round-off: no size or direction to read (shown "≈0").
+
+        Without a round-off bound (old data), ``scale`` (the model's largest part norm) gives the
+        fallback rule ``NEGLIGIBLE * scale``.
+        """
+        norm = self.norms[i]
+        if norm is None or norm == 0.0:
+            return False
+        if self.roundoff is not None:
+            return norm <= self.roundoff[i]
+        return norm <= NEGLIGIBLE * scale
+
     @property
     def largest(self) -> float:
         """The norm of the largest part (0 when unknown)."""
@@ -86,14 +134,14 @@ class GramView:
     def conflicts(self, scale: float = 0.0) -> list[tuple[int, int, float]]:
         """Pairs of losses whose parts point strongly against each other here.
 
-        ``scale``: the largest part norm of the model; parts below ``NEGLIGIBLE * scale`` are ignored.
+        Parts within round-off are ignored (``scale``: fallback for views without a bound).
         """
         out = []
         norms = self.norms
-        if self.largest <= NEGLIGIBLE * scale:
-            return out
         for i in range(len(self.reached)):
             for j in range(i + 1, len(self.reached)):
+                if self.negligible(i, scale) or self.negligible(j, scale):
+                    continue
                 cos = self.cosine(i, j)
                 ni, nj = norms[i] or 0.0, norms[j] or 0.0
                 if cos is not None and cos <= CONFLICT_COSINE and min(ni, nj) >= _MIN_RATIO * max(ni, nj):
@@ -112,6 +160,8 @@ class LeafSplit(GramView):
     tolerance: float | None = None
     parts: tuple[torch.Tensor, ...] | None = None  # keep="tensors" only
     verified: bool | None = None  # per-backward splits: the ledger's own check of the parts vs .grad
+    roundoff: tuple[float, ...] | None = None
+    derived: bool = False  # one part is the backward's gradient minus the others: "derived: not checked"
 
     @property
     def check(self) -> bool | None:
@@ -129,6 +179,7 @@ class ModuleSplit(GramView):
     leaves: tuple[LeafSplit, ...]
     gram: tuple[tuple[float, ...], ...] | None
     reached: tuple[bool, ...]
+    roundoff: tuple[float, ...] | None = None
 
     @property
     def check(self) -> bool | None:
@@ -148,7 +199,11 @@ def _group(name: str, leaves: list[LeafSplit], k: int) -> ModuleSplit:
             tuple(sum(leaf.gram[i][j] for leaf in leaves) for j in range(k))  # type: ignore[index]
             for i in range(k)
         )
-    return ModuleSplit(name, tuple(leaves), gram, reached)
+    roundoff = None
+    if leaves and all(leaf.roundoff is not None for leaf in leaves):
+        # the bound of a concatenation: the root of the sum of squares
+        roundoff = tuple(math.sqrt(sum(leaf.roundoff[i] ** 2 for leaf in leaves)) for i in range(k))  # type: ignore[index]
+    return ModuleSplit(name, tuple(leaves), gram, reached, roundoff)
 
 
 @dataclass(frozen=True)
@@ -166,6 +221,7 @@ class Split:
         strategy: how the parts were computed, in words.
         notes: anything the reader must know (fallbacks, what is not exact).
         derived: the part computed as the backward's gradient minus the others, if any.
+        cost: what computing the split cost next to the user's backward, in words (decomposed only).
     """
 
     title: str
@@ -178,6 +234,7 @@ class Split:
     strategy: str
     notes: tuple[str, ...] = ()
     derived: str | None = None
+    cost: str = ""
 
     def modules(self) -> list[ModuleSplit]:
         """Leaves grouped by the module that owns them, in first-seen order."""
@@ -195,6 +252,22 @@ class Split:
         checks = [leaf.check for leaf in self.leaves if leaf.check is not None]
         return all(checks) if checks else None
 
+    @property
+    def check_text(self) -> str:
+        """The Σ check of the whole split in words: checked, failed, or "derived: not checked"."""
+        checked = [leaf.check for leaf in self.leaves if leaf.check is not None]
+        derived = sum(1 for leaf in self.leaves if leaf.derived)
+        bad = sum(1 for c in checked if c is False)
+        parts = []
+        if checked:
+            parts.append(
+                f"Σ ✗ on {bad} of {len(checked)} checked leaves" if bad else f"Σ ✓ on {len(checked)} checked leaves"
+            )
+        if derived:
+            who = f"{self.derived} = your backward's gradient minus the other parts" if self.derived else "derived part"
+            parts.append(f"derived: not checked on {derived} leaves ({who})")
+        return "; ".join(parts) or "Σ: nothing to check"
+
     def leaf(self, name: str) -> LeafSplit:
         for leaf in self.leaves:
             if leaf.leaf.name == name:
@@ -209,9 +282,11 @@ class Split:
             "losses": list(self.losses),
             "weights": list(self.weights) if self.weights else None,
             "strategy": self.strategy,
+            "cost": self.cost,
             "notes": list(self.notes),
             "derived": self.derived,
             "check": self.check,
+            "check_text": self.check_text,
             "leaves": [
                 {
                     "leaf": x.leaf.name,
@@ -221,6 +296,8 @@ class Split:
                     "error": x.error,
                     "tolerance": x.tolerance,
                     "check": x.check,
+                    "derived": x.derived,
+                    "roundoff": list(x.roundoff) if x.roundoff is not None else None,
                 }
                 for x in self.leaves
             ],

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradprobe.analysis.split import LeafSplit, Split
+from gradprobe.analysis.split import LeafSplit, Split, roundoff_bound
 
 if TYPE_CHECKING:
     from gradprobe.api.trace import Trace
@@ -57,6 +57,9 @@ def per_backward_split(trace: Trace) -> Split | None:
     k = len(order)
     leaves = []
     unknown = carried = 0
+    scale = max(
+        (p.absmax for row in rows for p in row.parts if p.in_grad and p.absmax == p.absmax and p.finite), default=0.0
+    )
     for row in rows:
         parts = [p for p in row.parts if p.in_grad]
         if not parts:
@@ -84,7 +87,8 @@ def per_backward_split(trace: Trace) -> Split | None:
             gram = tuple(tuple(r) for r in g)
         else:
             unknown += 1
-        leaves.append(LeafSplit(row.leaf, gram, reached, parts=kept, verified=row.check))
+        bound = roundoff_bound(row.leaf.numel, row.leaf.dtype, scale)
+        leaves.append(LeafSplit(row.leaf, gram, reached, parts=kept, verified=row.check, roundoff=(bound,) * k))
     notes = []
     if unknown:
         notes.append(

@@ -34,6 +34,9 @@ GP302   inplace_saved          error     yes      this backward will raise "modi
                                                   at the write; ``.data`` writes are not seen)
 GP400   conflict (decompose)   warning   yes      two losses pull a module's gradient against each other (cosine
                                                   <= -0.5, both parts non-negligible)
+GP410   decompose_skipped      info      yes      this backward was not split into per-loss parts: its graph holds a
+                   (decompose)                            custom autograd.Function not declared pure or a module backward
+                                                          hook, which gradprobe's extra passes would run a second time
 GP401   stale_grad             warning   yes      a backward adds to ``.grad`` left from before an optimizer step
                                                   (zero_grad() missing)
 GP402   stale_grad             warning   yes      ``.grad`` was already non-zero when the trace started

@@ -8,7 +8,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe.analysis.split import CONFLICT_COSINE, NEGLIGIBLE
+from gradprobe.analysis.split import CONFLICT_COSINE
 from gradprobe.hookspecs import hookimpl
 from gradprobe._format import check_cell, number, share
 
@@ -31,19 +31,24 @@ def _part(view: GramView, i: int, scale: float = 0.0) -> Text:
         return Text("?", style="dim")
     if view.zero(i):
         return Text("zero", style="magenta")
+    if view.negligible(i, scale):
+        return Text("≈0", style="dim")  # within its round-off bound: neither size nor direction to read
     text = Text(number(norm))
     s = view.shares[i]
-    if s is not None and view.largest > NEGLIGIBLE * scale:
+    if s is not None:
         text.append(f" {share(s)}", style="bold" if s >= 0.5 else "")
     return text
 
 
 def _cos(view: GramView, k: int, names: tuple[str, ...], scale: float) -> Text:
-    if view.gram is not None and 0 < view.largest <= NEGLIGIBLE * scale:
-        return Text("≈0", style="dim")  # round-off next to the model's gradients: no direction to read
+    live = [i for i in range(k) if view.reached[i] and not view.zero(i) and not view.negligible(i, scale)]
+    if view.gram is not None and len(live) < 2 and any(view.negligible(i, scale) for i in range(k)):
+        return Text("≈0", style="dim")  # round-off-sized parts: no direction to read
     worst: tuple[float, int, int] | None = None
-    for i in range(k):
-        for j in range(i + 1, k):
+    for i in live:
+        for j in live:
+            if j <= i:
+                continue
             c = view.cosine(i, j)
             if c is not None and (worst is None or c < worst[0]):
                 worst = (c, i, j)
@@ -96,14 +101,20 @@ def split_table(split: Split, max_leaf_rows: int = 24) -> RenderableType:
         check_cell(split.check),
         end_section=True,
     )
-    captions = [f"computed: {split.strategy}"] + list(split.notes)
+    captions = [f"computed: {split.strategy}"] + ([split.cost] if split.cost else []) + list(split.notes)
+    if split.kind == "decomposed":
+        captions.append(split.check_text)
     if not show_leaves:
         captions.append(f"{len(split.leaves)} leaves grouped by module; Trace.splits() has every leaf")
     captions.append(
         "‖part‖ share% (projection on the sum; the shares add up to 100%)   · not reached   "
         f"zero = reached, exactly 0   cos ≤ {CONFLICT_COSINE} (red): the losses pull against each other   "
-        "≈0: round-off-sized gradient, no direction"
-        + ("   Σ: the parts add up to what the backward added (rtol 1e-5)" if split.kind == "decomposed" else "")
+        "≈0: within the part's round-off bound (size and dtype of the leaf), no size or direction to read"
+        + (
+            "   Σ: the parts add up to what the backward added (rtol 1e-5; blank where a part is derived: not checked)"
+            if split.kind == "decomposed"
+            else ""
+        )
     )
     table.caption = "\n".join(captions)
     table.caption_justify = "left"
@@ -120,6 +131,9 @@ class DecompositionSection:
         splits = trace.splits()
         decomposed = [s for s in splits if s.kind == "decomposed"]
         out: list[Any] = []
+        cost = getattr(trace._decomposer(), "cost", "")
+        if len(decomposed) > 1 and cost:
+            out.append(Text(f"Over all {len(decomposed)} decomposed backwards: {cost}", style="dim"))
         if len(decomposed) > _MAX_SPLITS:
             out.append(
                 Text(
