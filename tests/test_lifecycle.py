@@ -403,8 +403,8 @@ def test_owned_context_handle_removes_once() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"detect": "all"}, {"keep": "tensors"}, {"report": True}],
-    ids=["default", "detect-all", "keep-tensors", "report"],
+    [{}, {"detect": "all"}, {"keep": "tensors"}, {"report": True}, {"decompose": True}],
+    ids=["default", "detect-all", "keep-tensors", "report", "decompose"],
 )
 def test_a_dropped_trace_leaves_no_cyclic_garbage(options: dict[str, Any]) -> None:
     """NOTE [no cycles]: a finished trace, its ledger and its plugins are freed by reference counting
