@@ -437,3 +437,32 @@ def test_a_dropped_trace_leaves_no_cyclic_garbage(options: dict[str, Any]) -> No
         gc.garbage.clear()
         if was:
             gc.enable()
+
+
+def test_hook_entries_leave_the_users_hooks_and_order_alone() -> None:
+    """NOTE [hook entries]: gradprobe's entries sit between the user's hooks in registration order,
+    the user's handles keep working, and exit leaves exactly the user's hooks."""
+    w = nn.Parameter(torch.randn(3))
+    calls: list[str] = []
+    before = w.register_hook(lambda g: calls.append("before"))
+    post_before = w.register_post_accumulate_grad_hook(lambda p: calls.append("post-before"))
+    with gradprobe.trace(w) as t:
+        after = w.register_hook(lambda g: calls.append("after"))
+        (w * 2).sum().backward()
+        assert len(w._backward_hooks) == 3 and len(w._post_accumulate_grad_hooks) == 2
+    assert calls == ["before", "after", "post-before"] and t.breakdown()[0].check is True
+    assert len(w._backward_hooks) == 2 and len(w._post_accumulate_grad_hooks) == 1
+    for handle in (before, after, post_before):
+        handle.remove()
+    assert not w._backward_hooks and not w._post_accumulate_grad_hooks
+
+
+def test_a_tensor_subclass_gets_its_hooks_through_the_public_api() -> None:
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(4).as_subclass(Tagged).requires_grad_()
+    with gradprobe.trace(x) as t:
+        (x * 3).sum().backward()
+    assert t.breakdown()[0].parts[0].norm == pytest.approx(6.0)
+    assert not x._backward_hooks and not x._post_accumulate_grad_hooks

@@ -7,6 +7,8 @@ hand what they see to the recorder's ledger (NOTE [hot path]).
 from __future__ import annotations
 
 import sys
+import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
     from gradprobe.capture.recorder import Recorder
     from gradprobe.ledger.ledger import LeafState
 
-__all__ = ["LeafHooks", "engine_call"]
+__all__ = ["LeafHookEntries", "LeafHooks", "engine_call"]
 
 _current_task = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
@@ -64,6 +66,56 @@ class LeafHooks:
         if not self.recorder.muted:
             with _no_torch_function():
                 self.recorder.ledger.on_accumulated(self.state, param.grad)
+
+
+# NOTE [hook entries]
+# `Tensor.register_hook` / `register_post_accumulate_grad_hook` put the hook into a dict on the
+# tensor (`_backward_hooks`, `_post_accumulate_grad_hooks`; assigning the dict the first time is
+# what hands it to the autograd engine) under a fresh integer id, and return a RemovableHandle (an
+# object, a weak reference and an id each). With two hooks per parameter per trace, those calls and
+# objects were a large part of opening and closing a trace on a big model, and of the garbage the
+# collector then scans. For plain tensors and Parameters that are leaves, the recorder writes the
+# two entries itself, keyed by the leaf's LeafHooks object (unique, never equal to torch's integer
+# ids), and removes them with one owned removable, LeafHookEntries: what the engine sees is exactly
+# what the public calls would have made. Tensor subclasses (which may route those calls through
+# `__torch_function__`) and anything else go through the public API.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+class LeafHookEntries:
+    """The leaf hooks one recorder placed straight into tensors' hook dicts, and their removal."""
+
+    __slots__ = ("placed",)
+
+    def __init__(self) -> None:
+        self.placed: list[tuple[weakref.ReferenceType[torch.Tensor], LeafHooks]] = []
+
+    def place(self, tensor: torch.Tensor, hooks: LeafHooks) -> bool:
+        """Put both hooks on ``tensor``; False when it needs the public API (a subclass, a non-leaf)."""
+        if type(tensor) not in _PLAIN_TYPES or tensor.grad_fn is not None or not tensor.requires_grad:
+            return False
+        self.placed.append((weakref.ref(tensor), hooks))  # before the entries: a removal finds them
+        pre = tensor._backward_hooks
+        if pre is None:
+            tensor._backward_hooks = pre = OrderedDict()
+        pre[hooks] = hooks.on_grad
+        post = tensor._post_accumulate_grad_hooks
+        if post is None:
+            tensor._post_accumulate_grad_hooks = post = OrderedDict()
+        post[hooks] = hooks.on_accumulated
+        return True
+
+    def remove(self) -> None:
+        """Take every placed entry off (idempotent: an interrupted removal just runs again)."""
+        placed = self.placed
+        while placed:
+            ref, hooks = placed[-1]
+            tensor = ref()
+            if tensor is not None:
+                for entries in (tensor._backward_hooks, tensor._post_accumulate_grad_hooks):
+                    if entries:
+                        entries.pop(hooks, None)
+            placed.pop()
 
 
 # NOTE [nested autograd.grad]

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import torch
 
 from gradprobe.capture.calls import BACKWARD_FUNCTIONS, describe_call
-from gradprobe.capture.hooks import LeafHooks, engine_call
+from gradprobe.capture.hooks import LeafHookEntries, LeafHooks, engine_call
 from gradprobe.capture.intercept import Backward, Interceptor
 from gradprobe.capture.lifecycle import Removable, TensorHookSweep, enter_context, gc_paused, remove_all
 from gradprobe.capture.sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
@@ -90,6 +90,7 @@ class Recorder:
         self._quiet_records: set[int] = set()
         self._flushing: set[int] = set()  # graph tasks with a flush callback queued
         self._unhooked: list[tuple[torch.Tensor, LeafState]] = []  # tracked before install()
+        self._entries: LeafHookEntries | None = None  # NOTE [hook entries] in hooks.py
 
     # -- names -------------------------------------------------------------------------------
 
@@ -211,8 +212,13 @@ class Recorder:
 
     def _hook(self, tensor: torch.Tensor, state: LeafState) -> None:
         hooks = LeafHooks(self, state)
-        self._handles.append(tensor.register_hook(hooks.on_grad))
-        self._handles.append(tensor.register_post_accumulate_grad_hook(hooks.on_accumulated))
+        entries = self._entries
+        if entries is None:
+            entries = self._entries = LeafHookEntries()
+            self._handles.append(entries)  # owned before anything is placed
+        if not entries.place(tensor, hooks):
+            self._handles.append(tensor.register_hook(hooks.on_grad))
+            self._handles.append(tensor.register_post_accumulate_grad_hook(hooks.on_accumulated))
 
     def flush_task(self, task: int) -> None:
         """End of a backward (engine callback): take the deferred statistics (NOTE [deferred stats])."""
