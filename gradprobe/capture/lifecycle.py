@@ -22,7 +22,9 @@ trace's ``finally`` path, whether or not any plugin's ``gradprobe_trace_end`` ra
 # The trace calls `Recorder.remove` itself under `remove_all` (`Recorder.remove_retrying`), so an
 # interrupt at the entry of `remove`, before any of its guards, only makes it run again.
 # What pure Python cannot close: an interrupt raised at the very entry of `Trace.__exit__` (before
-# its `try`), inside the few bytecodes of `remove_all`'s own `except` clause, or between a
+# its `try`), at the entry of the function its `finally` calls to remove everything
+# (`Recorder.remove_retrying`, or `remove_all` itself, before their first bytecode: any call made
+# from a `finally` has that window), inside the few bytecodes of `remove_all`'s own `except` clause, or between a
 # `register_*_hook` call returning and its handle reaching `own()` (the recorder sweeps its own
 # leaf hooks by identity after an interruption, which closes that window for the core). Blocking
 # signals (`signal.pthread_sigmask`) would not help: it is per thread, and a signal delivered to any
