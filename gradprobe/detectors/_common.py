@@ -167,3 +167,56 @@ def node_owner(
 def call_text(name: str, kind: str) -> str:
     """A backward call as the user wrote it: ``loss.backward()`` or ``autograd.grad(loss, ...)``."""
     return f"`{name}.backward()`" if kind == "backward" else f"`autograd.grad({name}, ...)`"
+
+
+def saved_bytes(nodes: Any) -> int:
+    """Bytes of the distinct storages the ``nodes`` still hold as saved tensors.
+
+    Parameters and other leaves that require grad are left out (they live anyway); freed slots count
+    nothing, and slots under a saved-tensor hook are skipped (reading them would run the hook).
+    """
+    from gradprobe.capture.graph import saved_slots
+
+    seen: dict[int, int] = {}
+    for node in nodes:
+        slots = saved_slots(node)
+        if not slots or slots == ("<custom>",):
+            continue
+        for name in slots:
+            try:
+                raw = getattr(node, "_raw_saved_" + name)
+                items = raw if isinstance(raw, (list, tuple)) else (raw,)
+                if any(i is not None and i.unpack_hook is not None for i in items):
+                    continue
+                value = getattr(node, "_saved_" + name)
+            except Exception:  # freed, or a slot gradprobe cannot read: nothing held
+                continue
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if not isinstance(tensor, torch.Tensor) or (tensor.requires_grad and tensor.grad_fn is None):
+                    continue
+                try:
+                    storage = tensor.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
+                except Exception:
+                    continue
+    return sum(seen.values())
+
+
+def format_bytes(n: float) -> str:
+    """``1.3 GB``, ``12 KB``, ``512 B`` (decimal units)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def user_frames(frame: FrameType | None, limit: int = 3) -> list[FrameType]:
+    """``frame`` and up to ``limit - 1`` of its callers that are user code (not torch, not gradprobe)."""
+    from gradprobe.capture.sites import _is_internal
+
+    found: list[FrameType] = []
+    while frame is not None and len(found) < limit:
+        if not _is_internal(frame.f_code.co_filename):
+            found.append(frame)
+        frame = frame.f_back
+    return found
