@@ -8,9 +8,11 @@
 # the detector compares the parameters the optimizer holds with the traced leaves a backward gave a
 # gradient: when it holds none of them and none of its own parameters has a `.grad`, its step updates
 # nothing (GP801, error, at the step line, naming the line that built the optimizer when the
-# optimizer is a local of that frame). At the end, traced module parameters that got a gradient but
-# that no optimizer that stepped holds are listed (GP802, warning); not said when no optimizer stepped
-# during the trace (a test, a gradient check) or when GP801 already said it. Cost: one look at the
+# optimizer is a local of that frame). At the end, traced module parameters that got a gradient
+# before the last optimizer step but that no optimizer that stepped holds are listed (GP802,
+# warning); not said when no optimizer stepped during the trace (a test, a gradient check), for
+# gradients that came after the last step (a trace that ends before the step that would use them),
+# or when GP801 already said it. Cost: one look at the
 # optimizer's parameters and the ledger's leaves at each optimizer's first step, and once at the end;
 # O(1) per step after that (NOTE [steps before the core knows them]).
 """
@@ -76,6 +78,7 @@ class OptimizerMismatch:
         self._first_site: Site | None = None
         self._built: dict[int, tuple[str, Site | None]] = {}
         self._gp801 = False
+        self._records_at_step = 0  # backward calls made before the last optimizer step
 
     @hookimpl
     def gradprobe_trace_start(self, trace: Trace) -> None:
@@ -84,6 +87,7 @@ class OptimizerMismatch:
     def _on_step(self, trace: Trace, event: StepEvent) -> None:
         opt = event.optimizer
         key = id(opt)
+        self._records_at_step = len(trace._ledger.records)
         known = self._optimizers.get(key)
         if known is not None and known() is opt and key in self._decided:
             return
@@ -136,13 +140,14 @@ class OptimizerMismatch:
             return []
         held = {id(p) for opt in optimizers for p in held_params(opt)}
         records = trace._ledger.records
-        missed = [
+        last = self._records_at_step
+        missed = [  # gradients that were there when an optimizer stepped, and that none of them took
             state.leaf.name
             for state in trace._ledger.leaves
             if state.leaf.module is not None
             and state.leaf.tensor is not None
             and id(state.leaf.tensor) not in held
-            and any(records[p.record].accumulates for p in state.parts)
+            and any(p.record < last and records[p.record].accumulates for p in state.parts)
         ]
         if not missed:
             return []

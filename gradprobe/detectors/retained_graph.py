@@ -5,20 +5,20 @@
 # it is often added where the real fix is a `.detach()` (or nowhere): every retained graph keeps its
 # saved tensors (activations) alive until the graph dies. At a backward with an explicit
 # `retain_graph=True` (not implied by `create_graph=True`), the detector notes the nodes of the
-# shared walk (`capture.graph.walk`) that hold saved tensors and measures their bytes. The retention
-# was useful when a later traced backward runs one of those nodes (checked against each later walk
-# while the retained graph's roots are alive, so node ids are still theirs). When the roots died
-# first, or the trace ended, with no such backward, the finding is at the `retain_graph=True` line:
-# what it kept alive, for nothing. Decided once per line: after the first decision that line costs
-# nothing more (a training loop's retained backward is looked at once, not every step).
+# shared walk (`capture.graph.walk`) that hold saved tensors, by (id, creation number), and measures
+# their bytes. The retention was useful when a later traced backward runs one of those nodes. When
+# the same line runs again first (the next iteration of a loop), or 8 later backward calls passed,
+# or the trace ended, with no such backward, the finding is at the `retain_graph=True` line: what it
+# kept alive, for nothing. Decided once per line: after the first decision that line costs nothing
+# more (a training loop's retained backward is looked at once, not every step); while a retained
+# graph waits, each backward's walk is compared with it (a set of node keys).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any
 
-from gradprobe.capture.graph import walk
+from gradprobe.capture.graph import sequence_nr, walk
 from gradprobe.detectors._common import call_text, format_bytes, saved_bytes
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
@@ -33,19 +33,24 @@ if TYPE_CHECKING:
 __all__ = ["RetainedGraph"]
 
 
+_PATIENCE = 8  # later backward calls a retained graph waits for, at most
+
+
+def _keys(nodes: Iterable[Any]) -> set[tuple[int, int]]:
+    """(id, creation number) of nodes: ids alone are reused once a graph dies."""
+    return {(id(n), sequence_nr(n)) for n in nodes}
+
+
 class _Retained:
-    __slots__ = ("site", "text", "roots", "live", "bytes", "nodes")
+    __slots__ = ("site", "text", "keys", "bytes", "nodes", "waited")
 
     def __init__(self, call: BackwardCall, live: list[Any]) -> None:
         self.site = call.site
         self.text = call_text(call.name, call.kind)
-        self.roots = [weakref.ref(r) for r in call.roots]
-        self.live = {id(n) for n in live}
+        self.keys = _keys(live)
         self.nodes = len(live)
         self.bytes = saved_bytes(live)
-
-    def alive(self) -> bool:
-        return any(ref() is not None for ref in self.roots)
+        self.waited = 0
 
 
 class RetainedGraph:
@@ -65,32 +70,32 @@ class RetainedGraph:
             self._check(trace, call)
         if not call.retain_graph or call.create_graph or call.site in self._decided or call.rejected is not None:
             return
-        if any(p.site == call.site for p in self._pending):
-            return  # the same line again (a loop): the first one decides for it
         found = walk(call)
         if found.live:
             self._pending.append(_Retained(call, found.live))
 
     def _check(self, trace: Trace, call: BackwardCall) -> None:
-        ran: set[int] | None = None
+        found = walk(call)
+        ran = _keys((*found.live, *found.freed, *found.maybe_freed, *(s.node for s in found.stale)))
         kept = []
         for p in self._pending:
-            if not p.alive():
-                self._emit(trace, p, "before its graph died")
-                continue
-            if ran is None:
-                ran = {id(n) for n in walk(call).live} | {id(n) for n in walk(call).freed}
-            if p.live & ran:
+            if p.keys & ran:
                 self._decided.add(p.site)  # used: retain_graph was needed
                 continue
-            kept.append(p)
+            p.waited += 1
+            if call.site == p.site:
+                self._emit(trace, p, "before the same line ran again")
+            elif p.waited >= _PATIENCE:
+                self._emit(trace, p, f"in the next {_PATIENCE} backward calls")
+            else:
+                kept.append(p)
         self._pending = kept
 
     @hookimpl
     def gradprobe_trace_end(self, trace: Trace) -> None:
         pending, self._pending = self._pending, []
         for p in pending:
-            self._final.append(self._finding(p, "before its graph died" if not p.alive() else "before the trace ended"))
+            self._final.append(self._finding(p, "before the trace ended"))
 
     def _emit(self, trace: Trace, p: _Retained, when: str) -> None:
         trace.emit(self._finding(p, when))
