@@ -96,14 +96,23 @@ _ACCUMULATE_GRAD = type(torch.empty(1, requires_grad=True).expand(1).grad_fn.nex
 
 
 def _forced(frame: FrameType | None, name: str | None) -> Site | None:
-    """Where ``name.requires_grad = True`` (or ``name.requires_grad_()``) is set, if anywhere."""
+    """Where ``name.requires_grad = True`` (or ``name.requires_grad_()``) is set before the frame's line.
+
+    Looked for in the frame's own function, the last such line before the one running (else the first).
+    """
     if frame is None or name is None:
         return None
     pattern = re.compile(rf"\b{re.escape(name)}\.requires_grad(\s*=\s*True|_\()")
-    for lineno, line in enumerate(linecache.getlines(frame.f_code.co_filename), 1):
-        if pattern.search(line):
-            return Site(frame.f_code.co_filename, lineno)
-    return None
+    start = frame.f_code.co_firstlineno if frame.f_code.co_name != "<module>" else 1
+    hits = [
+        lineno
+        for lineno, line in enumerate(linecache.getlines(frame.f_code.co_filename), 1)
+        if lineno >= start and pattern.search(line)
+    ]
+    if not hits:
+        return None
+    before = [n for n in hits if n <= frame.f_lineno]
+    return Site(frame.f_code.co_filename, max(before) if before else hits[0])
 
 
 class Unreached:
