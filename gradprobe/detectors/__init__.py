@@ -44,7 +44,8 @@ CODES: tuple[Code, ...] = (
          "a tensor with a grad_fn carried across optimizer steps keeps every step's graph alive (`total_loss += loss`, "
          "`losses.append(loss)`): the line, nodes and bytes held, growth per step, `.item()` / `.detach()`"),
     Code("GP112", "retained_graph", "warning", True,
-         "`retain_graph=True` kept saved tensors (bytes, nodes) alive for no later backward: drop it"),
+         "`retain_graph=True` kept saved tensors (bytes, nodes) alive for no later backward: drop it (info when "
+         "only the end of the trace came first)"),
     Code("GP201", "nonleaf_grad", "warning", True,
          "`.grad` read on a non-leaf that does not retain grad (it is None): which op made it, where, the fix"),
     Code("GP202", "nonleaf_grad", "warning", True,

@@ -8,8 +8,9 @@
 # shared walk (`capture.graph.walk`) that hold saved tensors, by (id, creation number), and measures
 # their bytes. The retention was useful when a later traced backward runs one of those nodes. When
 # the same line runs again first (the next iteration of a loop), or 8 later backward calls passed,
-# or the trace ended, with no such backward, the finding is at the `retain_graph=True` line: what it
-# kept alive, for nothing. Decided once per line: after the first decision that line costs nothing
+# with no such backward, the finding is at the `retain_graph=True` line: what it kept alive, for
+# nothing (warning). When the trace ends first it is only info: a backward after the trace may
+# still use the graph. Decided once per line: after the first decision that line costs nothing
 # more (a training loop's retained backward is looked at once, not every step); while a retained
 # graph waits, each backward's walk is compared with it (a set of node keys).
 """
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
     from gradprobe.api.trace import Trace
     from gradprobe.capture.calls import BackwardCall
-    from gradprobe.findings import Site
+    from gradprobe.findings import Severity, Site
 
 __all__ = ["RetainedGraph"]
 
@@ -95,17 +96,18 @@ class RetainedGraph:
     def gradprobe_trace_end(self, trace: Trace) -> None:
         pending, self._pending = self._pending, []
         for p in pending:
-            self._final.append(self._finding(p, "before the trace ended"))
+            # a backward after the trace may still use it: a fact worth knowing, not a mistake for sure
+            self._final.append(self._finding(p, "before the trace ended", "info"))
 
     def _emit(self, trace: Trace, p: _Retained, when: str) -> None:
         trace.emit(self._finding(p, when))
 
-    def _finding(self, p: _Retained, when: str) -> Finding:
+    def _finding(self, p: _Retained, when: str, severity: Severity = "warning") -> Finding:
         self._decided.add(p.site)
         return Finding(
             code="GP112",
             kind="retained_graph",
-            severity="warning",
+            severity=severity,
             message=(
                 f"{p.text} with retain_graph=True kept {format_bytes(p.bytes)} of saved tensors ({p.nodes} graph nodes) "
                 f"alive for no later backward: nothing backwarded through that graph again {when}"
