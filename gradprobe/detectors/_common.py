@@ -16,6 +16,7 @@ from gradprobe.ledger.stats import read_floats
 from gradprobe.capture.sites import Site
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from types import FrameType
 
     from gradprobe.api.trace import Trace
@@ -169,15 +170,14 @@ def call_text(name: str, kind: str) -> str:
     return f"`{name}.backward()`" if kind == "backward" else f"`autograd.grad({name}, ...)`"
 
 
-def saved_bytes(nodes: Any) -> int:
-    """Bytes of the distinct storages the ``nodes`` still hold as saved tensors.
+def saved_tensors(nodes: Any) -> Iterator[torch.Tensor]:
+    """The tensors the ``nodes`` still hold as saved tensors, parameters and other grad leaves left out.
 
-    Parameters and other leaves that require grad are left out (they live anyway); freed slots count
-    nothing, and slots under a saved-tensor hook are skipped (reading them would run the hook).
+    Freed slots give nothing, and slots under a saved-tensor hook are skipped (reading them would run
+    the hook). Saved inputs come back as the tensors themselves; saved outputs as new tensor objects.
     """
     from gradprobe.capture.graph import saved_slots
 
-    seen: dict[int, int] = {}
     for node in nodes:
         slots = saved_slots(node)
         if not slots or slots == ("<custom>",):
@@ -192,13 +192,19 @@ def saved_bytes(nodes: Any) -> int:
             except Exception:  # freed, or a slot gradprobe cannot read: nothing held
                 continue
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                if not isinstance(tensor, torch.Tensor) or (tensor.requires_grad and tensor.grad_fn is None):
-                    continue
-                try:
-                    storage = tensor.untyped_storage()
-                    seen[storage.data_ptr()] = storage.nbytes()
-                except Exception:
-                    continue
+                if isinstance(tensor, torch.Tensor) and not (tensor.requires_grad and tensor.grad_fn is None):
+                    yield tensor
+
+
+def saved_bytes(nodes: Any) -> int:
+    """Bytes of the distinct storages the ``nodes`` still hold as saved tensors (see :func:`saved_tensors`)."""
+    seen: dict[int, int] = {}
+    for tensor in saved_tensors(nodes):
+        try:
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except Exception:
+            continue
     return sum(seen.values())
 
 

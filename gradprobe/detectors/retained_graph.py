@@ -7,19 +7,20 @@
 # `retain_graph=True` (not implied by `create_graph=True`), the detector notes the nodes of the
 # shared walk (`capture.graph.walk`) that hold saved tensors, by (id, creation number), and measures
 # their bytes. The retention was useful when a later traced backward runs one of those nodes. When
-# the same line runs again first (the next iteration of a loop), or 8 later backward calls passed,
-# with no such backward, the finding is at the `retain_graph=True` line: what it kept alive, for
-# nothing (warning). When the trace ends first it is only info: a backward after the trace may
-# still use the graph. Decided once per line: after the first decision that line costs nothing
+# the graph dies first (NOTE [is a retained graph still alive]; in a loop: when the next iteration
+# rebinds the loss), with no such backward, the finding is at the `retain_graph=True` line: what it
+# kept alive, for nothing (warning). When the trace ends first, or 8 later backward calls passed
+# while the graph is still alive, it is only info: a later backward may still use the graph. Decided once per line: after the first decision that line costs nothing
 # more (a training loop's retained backward is looked at once, not every step); while a retained
 # graph waits, each backward's walk is compared with it (a set of node keys).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
-from gradprobe.capture.graph import sequence_nr, walk
+from gradprobe.capture.graph import _topological, iter_nodes, sequence_nr, walk
 from gradprobe.detectors._common import call_text, format_bytes, saved_bytes
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
@@ -43,7 +44,7 @@ def _keys(nodes: Iterable[Any]) -> set[tuple[int, int]]:
 
 
 class _Retained:
-    __slots__ = ("site", "text", "keys", "bytes", "nodes", "waited")
+    __slots__ = ("site", "text", "keys", "bytes", "nodes", "waited", "held")
 
     def __init__(self, call: BackwardCall, live: list[Any]) -> None:
         self.site = call.site
@@ -52,6 +53,44 @@ class _Retained:
         self.nodes = len(live)
         self.bytes = saved_bytes(live)
         self.waited = 0
+        self.held = _watch([r.grad_fn for r in call.roots if r.grad_fn is not None], live)
+
+    def alive(self) -> bool:
+        return self.held is None or self.held() is not None
+
+
+class _Alive:
+    """Put in the ``metadata`` of a retained graph's nodes: it lives as long as one of them does."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _watch(roots: list[Any], live: list[Any]) -> Any:
+    """A weak reference that dies with the last of the ``live`` nodes (NOTE [is a retained graph still alive]).
+
+    # NOTE [is a retained graph still alive]
+    # Graph nodes cannot be weakly referenced, but each carries a `metadata` dict that lives and dies
+    # with it. One small sentinel object is put in the metadata of the lowest live nodes (those with
+    # no other live node below them): every live node is one of them or keeps one alive through
+    # `next_functions`, so the sentinel dies exactly when no node that held saved tensors is left.
+    # The entry ("gradprobe.retained") stays in those nodes' metadata until they die. None when no
+    # metadata could be set (then the graph is taken as alive: only the end of the trace decides).
+    """
+    ids = {id(n) for n in live}
+    below: dict[int, bool] = {}
+    for node in reversed(_topological(list(iter_nodes(roots)))):  # children first
+        below[id(node)] = any(
+            nxt is not None and (id(nxt) in ids or below.get(id(nxt), False)) for nxt, _ in node.next_functions
+        )
+    sentinel, placed = _Alive(), False
+    for node in live:
+        if not below.get(id(node), False):
+            try:
+                node.metadata["gradprobe.retained"] = sentinel
+                placed = True
+            except Exception:
+                continue
+    return weakref.ref(sentinel) if placed else None
 
 
 class RetainedGraph:
@@ -71,6 +110,8 @@ class RetainedGraph:
             self._check(trace, call)
         if not call.retain_graph or call.create_graph or call.site in self._decided or call.rejected is not None:
             return
+        if any(p.site == call.site for p in self._pending):
+            return  # the same line again while its first graph waits (a loop): that one decides
         found = walk(call)
         if found.live:
             self._pending.append(_Retained(call, found.live))
@@ -84,10 +125,10 @@ class RetainedGraph:
                 self._decided.add(p.site)  # used: retain_graph was needed
                 continue
             p.waited += 1
-            if call.site == p.site:
-                self._emit(trace, p, "before the same line ran again")
-            elif p.waited >= _PATIENCE:
-                self._emit(trace, p, f"in the next {_PATIENCE} backward calls")
+            if not p.alive():
+                self._emit(trace, p, "before the graph died")
+            elif p.waited >= _PATIENCE:  # still alive: it may yet be used, so only a fact (info)
+                self._final.append(self._finding(p, f"in the next {_PATIENCE} backward calls (it is still alive)", "info"))
             else:
                 kept.append(p)
         self._pending = kept
