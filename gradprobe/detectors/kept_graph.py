@@ -6,15 +6,16 @@
 # its nodes and whatever saved tensors were never freed (all activations, when those losses are not
 # backwarded, as in an evaluation loop run with grad on). Memory grows every step until it runs out.
 # After each optimizer step (NOTE [steps before the core knows them]) the detector looks at the
-# locals of the user's frame that called `step()` and of its two user callers: per local tensor with
-# a grad_fn it keeps the node's (id, sequence number); per local list (and list inside a local dict)
-# whose last item has a grad_fn, the list's id, length and a weak reference to that item. At the next
+# locals of the user's frame that called `step()` and of its two user callers that the function's
+# source adds to (`x += ...`, `x = f(x, ...)`, `x.append(...)`; read once per function): per such
+# tensor with a grad_fn it keeps the node's (id, sequence number); per such list (and list inside
+# such a dict) whose last item has a grad_fn, the list's id, length and a weak reference to that item. At the next
 # step, the same name's graph growing from the one seen a step earlier is the mistake: its new grad_fn
 # reaches the old node within a few nodes (a running total chains one `AddBackward0` per step), or
 # the same list grew and still holds the tensor seen last time. Nothing of the user's graph is kept
 # (no strong reference to a node or a tensor). Then, once per name, the graph is walked to say what
 # it holds: nodes and saved-tensor bytes in all, and what the last step added.
-# Cost: a frame lookup and a pass over a few frames' locals per optimizer step; nothing per backward.
+# Cost: a frame lookup and a look at a few named locals per optimizer step; nothing per backward.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class KeptGraph:
     def __init__(self) -> None:
         self._seen: dict[tuple[int, str], _Seen] = {}
         self._reported: set[tuple[int, str]] = set()
+        self._names: dict[int, tuple[Any, frozenset[str]]] = {}  # id(code) -> (code, names it adds to)
 
     @hookimpl
     def gradprobe_trace_start(self, trace: Trace) -> None:
@@ -110,18 +112,24 @@ class KeptGraph:
     def _on_step(self, trace: Trace, event: StepEvent) -> None:
         seen: dict[tuple[int, str], _Seen] = {}
         for frame in user_frames(event.frame):
-            code = id(frame.f_code)
-            for name, value in frame_locals(frame).items():
-                if name.startswith("_"):
-                    continue
+            code = frame.f_code
+            names = self._names.get(id(code))
+            if names is None or names[0] is not code:
+                names = self._names[id(code)] = (code, _accumulated_names(code))
+            if not names[1]:
+                continue
+            values = frame_locals(frame) if code.co_flags & _CO_OPTIMIZED else frame.f_locals
+            for name in names[1]:
+                value = values.get(name)
+                key = (id(code), name)
                 if isinstance(value, torch.Tensor):
-                    self._tensor(trace, event, frame, (code, name), name, value, seen)
+                    self._tensor(trace, event, frame, key, name, value, seen)
                 elif isinstance(value, list):
-                    self._list(trace, event, frame, (code, name), name, value, seen)
+                    self._list(trace, event, frame, key, name, value, seen)
                 elif isinstance(value, dict) and len(value) <= 16:
                     for k, item in value.items():
                         if isinstance(item, list) and isinstance(k, str):
-                            self._list(trace, event, frame, (code, f"{name}[{k!r}]"), f"{name}[{k!r}]", item, seen)
+                            self._list(trace, event, frame, (id(code), f"{name}[{k!r}]"), f"{name}[{k!r}]", item, seen)
         self._seen = seen
 
     def _tensor(
@@ -219,6 +227,37 @@ def _added_expression(site: Site | None, name: str) -> str | None:
         rf"{re.escape(name)}\s*=\s*{re.escape(name)}\s*\+\s*(\w+)\s*$", line
     )
     return match.group(1) if match else None
+
+
+_CO_OPTIMIZED = 0x0001  # a function's frame (module and class bodies use a real dict for locals)
+_ADDS = re.compile(r"^\s*(\w+)\s*[-+*/]=")
+_REBINDS = re.compile(r"^\s*(\w+)\s*=(.*)$")
+_APPENDS = re.compile(r"\b(\w+)(?:\[[^\]]*\])?\.(?:append|extend)\(")
+
+
+def _accumulated_names(code: Any) -> frozenset[str]:
+    """Names the source of ``code`` adds to: ``x += ...``, ``x = f(x, ...)``, ``x.append(...)``.
+
+    Read once per function per trace, so that each step looks at these few locals only.
+    """
+    import linecache
+
+    lines = linecache.getlines(code.co_filename)
+    if code.co_name == "<module>":
+        body = lines
+    else:
+        numbers = [line for _, _, line in code.co_lines() if line is not None]
+        body = lines[code.co_firstlineno - 1 : max(numbers, default=code.co_firstlineno)]
+    found = set()
+    for line in body:
+        match = _ADDS.match(line)
+        if match:
+            found.add(match.group(1))
+        match = _REBINDS.match(line)
+        if match and re.search(rf"\b{re.escape(match.group(1))}\b", match.group(2)):
+            found.add(match.group(1))
+        found.update(m.group(1) for m in _APPENDS.finditer(line))
+    return frozenset(n for n in found if not n.startswith("_"))
 
 
 def _accumulating_site(frame: FrameType, name: str) -> Site | None:
