@@ -222,9 +222,9 @@ def _added_expression(site: Site | None, name: str) -> str | None:
     """``loss`` in ``total += loss`` or ``total = total + loss`` on the accumulating line."""
     if site is None:
         return None
-    line = site.source
-    match = re.match(rf"{re.escape(name)}\s*\+=\s*(\w+)\s*$", line) or re.match(
-        rf"{re.escape(name)}\s*=\s*{re.escape(name)}\s*\+\s*(\w+)\s*$", line
+    line = site.source.split("#", 1)[0].strip()
+    match = re.match(rf"{re.escape(name)}\s*\+=\s*(\w+)$", line) or re.match(
+        rf"{re.escape(name)}\s*=\s*{re.escape(name)}\s*\+\s*(\w+)$", line
     )
     return match.group(1) if match else None
 
@@ -287,5 +287,5 @@ def _append_site(frame: FrameType, name: str) -> Site | None:
 def _appended_expression(site: Site | None, name: str) -> str | None:
     if site is None:
         return None
-    match = re.search(r"\.append\(\s*(\w+)\s*\)", site.source)
+    match = re.search(r"\.append\(\s*(\w+)\s*\)", site.source.split("#", 1)[0])
     return match.group(1) if match else None

@@ -216,7 +216,7 @@ class Unreached:
                 kind="unreached",
                 severity="error",
                 message=(
-                    f"{call_text(call.name, call.kind)} reaches no traced parameter: its graph starts at `{name}`, a "
+                    f"{_call_label(call)} reaches no traced parameter: its graph starts at `{name}`, a "
                     f"leaf cut from the model ({cause[0]} at {cause[1]}); the model gets no gradient from this loss"
                 ),
                 site=call.site,
@@ -275,6 +275,13 @@ class Unreached:
         return findings
 
 
+
+
+def _call_label(call: BackwardCall) -> str:
+    """``loss.backward()`` as written, or "this backward" when the loss has no name (``f(x).backward()``)."""
+    if call.name.startswith(f"{call.kind}#"):
+        return "this backward"
+    return call_text(call.name, call.kind)
 
 
 def _wants_grad(state: Any) -> bool:
