@@ -25,6 +25,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from gradprobe.capture.sites import site_of, user_frame
+from gradprobe.exceptions import GradProbeError
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -103,6 +104,8 @@ class Steps:
             for name, callback in list(callbacks.items()):
                 try:
                     callback(trace, event)
+                except GradProbeError:
+                    raise  # on_finding="raise": an error finding stops the user's code, as everywhere
                 except Exception as exc:  # gradprobe's bug: never into the user's optimizer step
                     callbacks.pop(name, None)
                     trace._plugins.internal_error(name, where, exc)

@@ -40,6 +40,7 @@ from rich.text import Text
 
 from gradprobe.capture.sites import TORCH_DIR, _is_internal, frame_locals, site_of
 from gradprobe.detectors._steps import steps_of
+from gradprobe.exceptions import GradProbeError
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
 from gradprobe._format import number
@@ -106,7 +107,14 @@ class _ScaledReads(TorchFunctionMode):
                 trace = self.trace()
                 if trace is not None and trace.active:
                     with torch._C.DisableTorchFunction():
-                        plugin._read(trace, func)
+                        try:
+                            plugin._read(trace, func)
+                        except GradProbeError:
+                            raise
+                        except Exception as exc:  # gradprobe's bug: never into the user's torch call
+                            plugin._scaled.clear()
+                            plugin._stop_reads()
+                            trace._plugins.internal_error("amp", "a still-scaled .grad read", exc)
         return func(*args, **kwargs)
 
 

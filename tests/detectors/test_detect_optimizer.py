@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 
+import pytest
 import torch
 from helpers import codes
 from torch import nn
@@ -131,3 +132,34 @@ def test_frozen_parameters_with_grad_none_are_clean() -> None:
 def test_frozen_update_is_opt_in() -> None:
     """frozen_update is not in the default set (a pass over the optimizer's parameters per step)."""
     assert "GP803" not in codes(frozen_run(set_to_none=False, detect="default"))
+
+
+def test_step_hooks_come_off_and_raise_policy_stops_at_the_step() -> None:
+    """The global optimizer-step hooks are removed on exit; on_finding="raise" raises GP801 from the step."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    model = _net()
+    opt = torch.optim.SGD(_net().parameters(), lr=0.1)
+    with pytest.raises(gradprobe.GradProbeError, match="GP801"):
+        with gradprobe.trace(model, on_finding="raise"):
+            model(torch.randn(5, 4)).sum().backward()
+            opt.step()
+    assert not _global_optimizer_pre_hooks and not _global_optimizer_post_hooks
+    opt.step()  # after the trace: nothing of gradprobe's runs
+
+
+def test_internal_error_in_a_step_callback_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in a step callback becomes one GP001 notice (outside strict mode); the step still runs."""
+    from gradprobe.detectors.kept_graph import KeptGraph
+
+    def broken(self: object, trace: object, event: object) -> None:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(KeptGraph, "_on_step", broken)
+    monkeypatch.setenv("GRADPROBE_STRICT_INTERNAL", "0")
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[0].weight.detach().clone()
+    t = _train(model, opt)
+    assert [f.code for f in t.findings] == ["GP001"] and "kept_graph" in t.findings[0].message
+    assert not torch.equal(before, model[0].weight)
