@@ -103,6 +103,7 @@ class RetainedGraph:
         self._pending: list[_Retained] = []
         self._decided: set[Site | None] = set()
         self._final: list[Finding] = []  # said at the end (recorded only when the block raised)
+        self._measured: list[tuple[_Retained, str]] = []  # each line's first retained backward, and what followed
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
@@ -123,6 +124,7 @@ class RetainedGraph:
         for p in self._pending:
             if p.keys & ran:
                 self._decided.add(p.site)  # used: retain_graph was needed
+                self._measured.append((p, f"used by {call_text(call.name, call.kind)}" + (f" at {call.site}" if call.site else "")))
                 continue
             p.waited += 1
             if not p.alive():
@@ -145,6 +147,7 @@ class RetainedGraph:
 
     def _finding(self, p: _Retained, when: str, severity: Severity = "warning") -> Finding:
         self._decided.add(p.site)
+        self._measured.append((p, f"no later backward {when} (GP112)"))
         return Finding(
             code="GP112",
             kind="retained_graph",
@@ -162,6 +165,25 @@ class RetainedGraph:
             plugin="retained_graph",
             data={"bytes": p.bytes, "nodes": p.nodes},
         )
+
+    @hookimpl
+    def gradprobe_report_sections(self, trace: Trace) -> list[Any] | None:
+        """What each line's first ``retain_graph=True`` backward kept alive, and whether a later backward used it."""
+        if not self._measured:
+            return None
+        from rich import box
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        title = Text("retain_graph=True · the saved tensors each retained backward kept alive", style="italic")
+        table = Table(box=box.SIMPLE_HEAD)
+        for column in ("line", "backward", "saved tensors", "graph nodes", "then"):
+            table.add_column(column, justify="right" if column in ("saved tensors", "graph nodes") else "left")
+        for p, outcome in self._measured:
+            table.add_row(str(p.site) if p.site else "?", p.text, format_bytes(p.bytes), str(p.nodes), outcome)
+        note = Text("measured at the first retained backward of each line; later ones of that line are not", style="dim")
+        return [Group(title, table, note)]
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:

@@ -95,3 +95,27 @@ def test_retained_then_failing_second_backward_counts_as_used() -> None:
         with pytest.raises(RuntimeError, match="inplace"):
             out.abs().mean().backward()
     assert "GP112" not in codes(t)
+
+
+def test_report_lists_what_each_retained_backward_kept() -> None:
+    """The report section: per retained line, the bytes kept alive and what followed (used, or GP112)."""
+    import io
+
+    from rich.console import Console
+
+    model, opt = _model()
+    with gradprobe.trace(model, on_finding="record") as t:
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(torch.randn(64, 8))
+            out.pow(2).mean().backward(retain_graph=True)
+            out.abs().mean().backward()
+            opt.step()
+        loss = model(torch.randn(64, 8)).pow(2).mean()
+        loss.backward(retain_graph=True)
+    text = io.StringIO()
+    t.report(console=Console(file=text, width=300))
+    report = text.getvalue()
+    assert "the saved tensors each retained backward kept alive" in report
+    assert "used by" in report and "no later backward before the trace ended (GP112)" in report
+    assert "KB" in report
