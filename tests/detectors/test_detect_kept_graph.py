@@ -158,3 +158,34 @@ def test_one_finding_per_name_and_no_references_kept() -> None:
     del total, loss
     gc.collect()
     assert ref() is None
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """A helper that steps and returns the loss (with its graph)."""
+    opt.zero_grad()
+    loss = model(torch.randn(16, 8)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def test_running_total_in_the_caller_of_the_step() -> None:
+    """The step happens in a helper, the running total in its caller: still found, at the caller's line."""
+    model, opt = _model()
+    with gradprobe.trace(model, on_finding="record") as t:
+        epoch_loss = 0
+        for _ in range(4):
+            epoch_loss += train_step(model, opt)
+            line = _line() - 1
+    (finding,) = _gp111(t)
+    assert finding.data["name"] == "epoch_loss" and finding.site is not None and finding.site.lineno == line
+
+
+def test_returned_loss_summed_as_number_is_clean() -> None:
+    """The twin: `epoch_loss += train_step(...).item()`."""
+    model, opt = _model()
+    with gradprobe.trace(model, on_finding="record") as t:
+        epoch_loss = 0.0
+        for _ in range(4):
+            epoch_loss += train_step(model, opt).item()
+    assert codes(t) == []
