@@ -85,7 +85,12 @@ RECORD_STAND_INS: dict[str, str] = {}  # none: gradprobe installs no saved-tenso
 # Random programs often have two losses whose gradients point against each other.
 # Categories that start with this are documented limitations: counted and reported, never a failure.
 LIMITATION = "known limitation: "
-ALLOWED_ON_CLEAN = {"GP400": "two losses pull a module's gradient against each other (a fact of the program)"}
+ALLOWED_ON_CLEAN = {
+    "GP400": "two losses pull a module's gradient against each other (a fact of the program)",
+    # the generator passes retain_graph=True at random; dropping it where GP112 says so was checked to
+    # leave those programs running (seeds 0-399: 3 warnings, all true)
+    "GP112": "a retain_graph=True that no later backward needed (a fact of the program)",
+}
 
 SHAPES = [(3,), (4,), (3, 4), (4, 3), (3, 3)]
 

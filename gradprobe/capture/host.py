@@ -69,6 +69,11 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "report.findings": "gradprobe.report.sections:FindingsSection",
     "amp": "gradprobe.detectors.amp:AmpPlugin",
     "ddp": "gradprobe.detectors.ddp:DdpPlugin",
+    "optimizer": "gradprobe.detectors.optimizer:OptimizerMismatch",
+    "frozen_update": "gradprobe.detectors.frozen_update:FrozenUpdate",
+    "kept_graph": "gradprobe.detectors.kept_graph:KeptGraph",
+    "retained_graph": "gradprobe.detectors.retained_graph:RetainedGraph",
+    "report.graph_tree": "gradprobe.report.graph_tree:GraphTreeSection",
 }
 
 Detect = Union[str, "Iterable[str]"]

@@ -16,6 +16,7 @@ from gradprobe.ledger.stats import read_floats
 from gradprobe.capture.sites import Site
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from types import FrameType
 
     from gradprobe.api.trace import Trace
@@ -167,3 +168,61 @@ def node_owner(
 def call_text(name: str, kind: str) -> str:
     """A backward call as the user wrote it: ``loss.backward()`` or ``autograd.grad(loss, ...)``."""
     return f"`{name}.backward()`" if kind == "backward" else f"`autograd.grad({name}, ...)`"
+
+
+def saved_tensors(nodes: Any) -> Iterator[torch.Tensor]:
+    """The tensors the ``nodes`` still hold as saved tensors, parameters and other grad leaves left out.
+
+    Freed slots give nothing, and slots under a saved-tensor hook are skipped (reading them would run
+    the hook). Saved inputs come back as the tensors themselves; saved outputs as new tensor objects.
+    """
+    from gradprobe.capture.graph import saved_slots
+
+    for node in nodes:
+        slots = saved_slots(node)
+        if not slots or slots == ("<custom>",):
+            continue
+        for name in slots:
+            try:
+                raw = getattr(node, "_raw_saved_" + name)
+                items = raw if isinstance(raw, (list, tuple)) else (raw,)
+                if any(i is not None and i.unpack_hook is not None for i in items):
+                    continue
+                value = getattr(node, "_saved_" + name)
+            except Exception:  # freed, or a slot gradprobe cannot read: nothing held
+                continue
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor) and not (tensor.requires_grad and tensor.grad_fn is None):
+                    yield tensor
+
+
+def saved_bytes(nodes: Any) -> int:
+    """Bytes of the distinct storages the ``nodes`` still hold as saved tensors (see :func:`saved_tensors`)."""
+    seen: dict[int, int] = {}
+    for tensor in saved_tensors(nodes):
+        try:
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except Exception:
+            continue
+    return sum(seen.values())
+
+
+def format_bytes(n: float) -> str:
+    """``1.3 GB``, ``12 KB``, ``512 B`` (decimal units)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def user_frames(frame: FrameType | None, limit: int = 3) -> list[FrameType]:
+    """``frame`` and up to ``limit - 1`` of its callers that are user code (not torch, not gradprobe)."""
+    from gradprobe.capture.sites import _is_internal
+
+    found: list[FrameType] = []
+    while frame is not None and len(found) < limit:
+        if not _is_internal(frame.f_code.co_filename):
+            found.append(frame)
+        frame = frame.f_back
+    return found

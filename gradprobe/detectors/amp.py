@@ -11,20 +11,36 @@
 # classic mistake: the clip threshold is compared with gradients `scale` times too large (GP712).
 # The report section lists each scaled call with its scale and the unscaled ‖part‖ (part / scale);
 # the breakdown table above it shows the raw, scaled numbers the engine produced.
+
+# NOTE [still-scaled reads]
+# Reading a gradient between `scaler.scale(loss).backward()` and `scaler.unscale_(opt)` (logging
+# `p.grad.norm()`, a histogram, a custom clip) sees values `scale` times too large (GP713). Reads of
+# a leaf's `.grad` values are invisible to the trace core (it watches writes, not reads), so while
+# some `.grad` is still scaled, and only then, the plugin puts a small TorchFunctionMode of its own
+# on the stack (owned by the trace): it looks at the first argument of each torch call for a
+# still-scaled `.grad` and passes every call on unchanged. It comes off when the last scaled
+# `.grad` is unscaled (or at the next optimizer step, or the trace's end), so a correct AMP loop pays
+# for it only between the backward and `unscale_`, where usually nothing runs. Calls made from inside
+# torch (the scaler's own unscale, `clip_grad_norm_`, which GP712 covers) are not the user's reads.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from gradprobe.capture.sites import frame_locals
+from gradprobe.capture.sites import TORCH_DIR, _is_internal, frame_locals, site_of
+from gradprobe.detectors._steps import steps_of
+from gradprobe.exceptions import GradProbeError
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
 from gradprobe._format import number
@@ -64,6 +80,60 @@ def _scale_of(root: torch.Tensor, scalers: list[Any]) -> torch.Tensor | None:
     return None
 
 
+_NOT_READS = frozenset({"__get__", "__set__", "__delete__"})
+
+
+class _ScaledReads(TorchFunctionMode):
+    """Sees torch calls on a still-scaled ``.grad`` while one exists (NOTE [still-scaled reads])."""
+
+    def __init__(self, plugin: AmpPlugin, trace: Trace) -> None:
+        super().__init__()
+        self.plugin = plugin
+        self.trace = weakref.ref(trace)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        if args:
+            first = args[0]
+            plugin = self.plugin
+            if isinstance(first, torch.Tensor):
+                hit = plugin._still_scaled(first)
+            elif isinstance(first, (list, tuple)) and first and isinstance(first[0], torch.Tensor):
+                hit = any(isinstance(t, torch.Tensor) and plugin._still_scaled(t) for t in first)
+            else:
+                hit = False
+            if hit and getattr(func, "__name__", "") not in _NOT_READS:
+                trace = self.trace()
+                if trace is not None and trace.active:
+                    with torch._C.DisableTorchFunction():
+                        try:
+                            plugin._read(trace, func)
+                        except GradProbeError:
+                            raise
+                        except Exception as exc:  # gradprobe's bug: never into the user's torch call
+                            plugin._scaled.clear()
+                            plugin._stop_reads()
+                            trace._plugins.internal_error("amp", "a still-scaled .grad read", exc)
+        return func(*args, **kwargs)
+
+
+def _reading_frame() -> Any:
+    """The user's frame of a read, or None when torch's own code made the call (the scaler, a clip)."""
+    frame = sys._getframe(2)
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        filename = frame.f_code.co_filename
+        if filename.startswith(TORCH_DIR) and not filename.startswith(_TORCH_PLUMBING):
+            return None  # torch's own code reads it (the scaler, clip_grad_norm_, an optimizer)
+        frame = frame.f_back
+    return frame
+
+
+_TORCH_PLUMBING = tuple(
+    TORCH_DIR + name for name in ("overrides.py", "_tensor.py", "functional.py", "_ops.py", "utils" + os.sep + "_device.py")
+)
+
+
 class AmpPlugin:
     """Detects GradScaler-scaled backward calls; reports unscaled parts; flags clipping before unscale_."""
 
@@ -74,6 +144,50 @@ class AmpPlugin:
         self._pending: torch.Tensor | None = None
         self._scaled: dict[int, weakref.ReferenceType[torch.Tensor]] = {}  # id(.grad) -> .grad still scaled
         self._clip_sites: set[tuple[str, int]] = set()
+        self._reads: Any = None  # the owned _ScaledReads handle while some .grad is still scaled
+        self._read_sites: set[tuple[str, int]] = set()
+
+    @hookimpl
+    def gradprobe_trace_start(self, trace: Trace) -> None:
+        steps_of(trace).after_step(self.gradprobe_name, self._on_step)
+
+    def _on_step(self, trace: Trace, event: Any) -> None:
+        self._scaled.clear()  # scaler.step unscaled what the optimizer holds; the rest is not a step's business
+        self._stop_reads()
+
+    def _stop_reads(self) -> None:
+        handle, self._reads = self._reads, None
+        if handle is not None:
+            handle.remove()
+
+    def _read(self, trace: Trace, func: Any) -> None:
+        """GP713: the user read a still-scaled ``.grad`` (once per line)."""
+        frame = _reading_frame()
+        site = site_of(frame)
+        if site is None or (site.filename, site.lineno) in self._read_sites or (site.filename, site.lineno) in self._clip_sites:
+            return
+        if "clip_grad" in site.source:
+            return  # a clip: GP712 says it at the write
+        self._read_sites.add((site.filename, site.lineno))
+        scale = next(iter(self.scales.values()), None) if self.scales else None
+        factor = f" (scale {number(float(self.scales[max(self.scales)]))})" if scale is not None else ""
+        name = getattr(func, "__name__", "a torch function")
+        trace.emit(
+            Finding(
+                code="GP713",
+                kind="scaled_grad_read",
+                severity="warning",
+                message=(
+                    f"`.grad` is read ({name}) while still scaled by GradScaler{factor}: norms and values read here "
+                    "are `scale` times the true gradient"
+                ),
+                site=site,
+                fix="call scaler.unscale_(optimizer) before reading or logging gradients (scaler.step(optimizer) "
+                "will not unscale them twice), or divide by scaler.get_scale()",
+                plugin="amp",
+                data={"func": name},
+            )
+        )
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: BackwardCall) -> None:
@@ -99,6 +213,8 @@ class AmpPlugin:
             tensor = state.leaf.tensor
             if tensor is not None and tensor.grad is not None and state.parts and state.parts[-1].record == record.index:
                 self._scaled[id(tensor.grad)] = weakref.ref(tensor.grad)
+        if self._scaled and self._reads is None:
+            self._reads = trace.own_context(_ScaledReads(self, trace))
 
     def _still_scaled(self, t: torch.Tensor) -> bool:
         ref = self._scaled.get(id(t))
@@ -111,6 +227,8 @@ class AmpPlugin:
         if getattr(func, "__name__", "") == _UNSCALE:
             for t in tensors:
                 self._scaled.pop(id(t), None)
+            if not self._scaled:
+                self._stop_reads()
             return
         if site is None or "clip_grad" not in site.source or (site.filename, site.lineno) in self._clip_sites:
             return

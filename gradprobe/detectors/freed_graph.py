@@ -32,6 +32,7 @@ import torch
 
 from gradprobe.capture.graph import iter_nodes, sequence_nr, walk
 from gradprobe.capture.sites import Site
+from gradprobe.detectors._subgraph import shared_tree
 from gradprobe.detectors.freed_graph_fixes import fix_for, running_total
 from gradprobe.detectors._common import call_text, is_augmented, node_owner, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
@@ -259,7 +260,11 @@ class FreedGraph:
             related=tuple(related),
             fix=fix,
             plugin="freed_graph",
-            data={"node": type(top).__name__, "freed_by": earlier.record.index if earlier and earlier.record else None},
+            data={
+                "node": type(top).__name__,
+                "freed_by": earlier.record.index if earlier and earlier.record else None,
+                "graph": shared_tree(trace, frame, top, freed_ids, "freed"),
+            },
         )
 
     # -- GP102: a backward that will make another one fail ---------------------------------------
@@ -290,12 +295,14 @@ class FreedGraph:
             if shared is None:
                 continue
             self._warned.add((name, call.site))
-            finding = self._warning(call, frame, name, shared)
+            finding = self._warning(trace, call, frame, name, shared, set(will_free))
             self._predicted.append(_Prediction(finding, t, set(will_free)))
             findings.append(finding)
         return findings
 
-    def _warning(self, call: BackwardCall, frame: FrameType | None, other: str, shared: Any) -> Finding:
+    def _warning(
+        self, trace: Trace, call: BackwardCall, frame: FrameType | None, other: str, shared: Any, will_free: set[int]
+    ) -> Finding:
         locals_ = tensors_in_frame(frame)
         shared_name, created = node_owner(frame, shared, locals_)
         what = f"`{shared_name}` ({op_name(shared)})" if shared_name else op_name(shared)
@@ -317,5 +324,9 @@ class FreedGraph:
                 f"(`({call.name} + {other}).backward()`)"
             ),
             plugin="freed_graph",
-            data={"other": other, "node": type(shared).__name__},
+            data={
+                "other": other,
+                "node": type(shared).__name__,
+                "graph": shared_tree(trace, frame, shared, will_free, "freed by this backward"),
+            },
         )

@@ -15,7 +15,11 @@ import linecache
 import re
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from gradprobe.capture.graph import walk
 from gradprobe.capture.sites import Site, name_in_frame
+from gradprobe.detectors._common import call_text
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
@@ -88,15 +92,27 @@ def _cut_cause(frame: FrameType | None, name: str | None) -> tuple[str, Site] | 
     return None
 
 
+_ACCUMULATE_GRAD = type(torch.empty(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+
+
 def _forced(frame: FrameType | None, name: str | None) -> Site | None:
-    """Where ``name.requires_grad = True`` (or ``name.requires_grad_()``) is set, if anywhere."""
+    """Where ``name.requires_grad = True`` (or ``name.requires_grad_()``) is set before the frame's line.
+
+    Looked for in the frame's own function, the last such line before the one running (else the first).
+    """
     if frame is None or name is None:
         return None
     pattern = re.compile(rf"\b{re.escape(name)}\.requires_grad(\s*=\s*True|_\()")
-    for lineno, line in enumerate(linecache.getlines(frame.f_code.co_filename), 1):
-        if pattern.search(line):
-            return Site(frame.f_code.co_filename, lineno)
-    return None
+    start = frame.f_code.co_firstlineno if frame.f_code.co_name != "<module>" else 1
+    hits = [
+        lineno
+        for lineno, line in enumerate(linecache.getlines(frame.f_code.co_filename), 1)
+        if lineno >= start and pattern.search(line)
+    ]
+    if not hits:
+        return None
+    before = [n for n in hits if n <= frame.f_lineno]
+    return Site(frame.f_code.co_filename, max(before) if before else hits[0])
 
 
 class Unreached:
@@ -107,6 +123,7 @@ class Unreached:
 
     def __init__(self) -> None:
         self._failed: set[int] = set()  # records whose backward raised
+        self._inside_done = False  # GP505 said (once per trace)
 
     @hookimpl
     def gradprobe_after_backward(self, trace: Trace, record: Any, error: BaseException | None) -> None:
@@ -119,6 +136,8 @@ class Unreached:
             return
         for root in call.roots:
             if root.grad_fn is not None:
+                if call.kind == "backward" and call.inputs is None and not trace.every_leaf:
+                    self._cut_inside(trace, call)
                 continue
             if root.requires_grad and trace._tracked(root):
                 continue  # a backward on a traced leaf itself
@@ -160,6 +179,54 @@ class Unreached:
                     fix="remove `requires_grad = True` and compute the loss without cutting the graph",
                     plugin="unreached",
                 ))
+
+    def _cut_inside(self, trace: Trace, call: BackwardCall) -> None:
+        """GP505: the loss has a graph, but it starts at a leaf cut from the model (NOTE [a leaf cut inside]).
+
+        # NOTE [a leaf cut inside]
+        # `pred = model(x).detach(); pred.requires_grad = True; loss = F.mse_loss(pred, y)` makes a
+        # loss with a grad_fn whose backward reaches `pred` and no parameter. The shared walk of the
+        # call is scanned for AccumulateGrad nodes, stopping at the first traced leaf (the common
+        # case, a few nodes in). Only when none is traced, no nn.Parameter is reached either (a
+        # backward of another model's loss is not this mistake), and the user's source shows where a
+        # reached leaf was cut (`.detach()`, `.data`, `.item()`, NumPy, `no_grad`) is it reported.
+        """
+        if self._inside_done:
+            return
+        leaves = []
+        for node in walk(call).nodes:
+            if type(node) is _ACCUMULATE_GRAD:
+                var = node.variable
+                if trace._tracked(var) or isinstance(var, torch.nn.Parameter):
+                    return
+                leaves.append(var)
+        frame = call.frame
+        for var in leaves:
+            name = name_in_frame(frame, var)
+            cause = _cut_cause(frame, name)
+            if cause is None:
+                continue
+            self._inside_done = True
+            related = [RelatedSite(cause[1].filename, cause[1].lineno, cause[0])]
+            forced = _forced(frame, name)
+            if forced is not None and forced != cause[1]:
+                related.append(RelatedSite(forced.filename, forced.lineno, f"sets requires_grad on the cut `{name}`"))
+            trace.emit(Finding(
+                code="GP505",
+                kind="unreached",
+                severity="error",
+                message=(
+                    f"{_call_label(call)} reaches no traced parameter: its graph starts at `{name}`, a "
+                    f"leaf cut from the model ({cause[0]} at {cause[1]}); the model gets no gradient from this loss"
+                ),
+                site=call.site,
+                related=tuple(related),
+                fix=f"compute the loss from the model's output itself: drop the cut at {cause[1]} (and the "
+                f"`requires_grad` set on `{name}`)",
+                plugin="unreached",
+                data={"leaf": name},
+            ))
+            return
 
     @hookimpl
     def gradprobe_collect_findings(self, trace: Trace) -> Iterable[Finding]:
@@ -208,6 +275,13 @@ class Unreached:
         return findings
 
 
+
+
+def _call_label(call: BackwardCall) -> str:
+    """``loss.backward()`` as written, or "this backward" when the loss has no name (``f(x).backward()``)."""
+    if call.name.startswith(f"{call.kind}#"):
+        return "this backward"
+    return call_text(call.name, call.kind)
 
 
 def _wants_grad(state: Any) -> bool:

@@ -1,5 +1,7 @@
 """``gradprobe run train.py [args]``: run a script under a trace of every leaf, report at exit.
 
+``gradprobe codes [--write README.md]`` prints the finding-codes table (or rewrites it in a README).
+
 # NOTE [running the user's script]
 # The script runs in this process with `runpy.run_path(run_name="__main__")`, `sys.argv` set to
 # the script and its arguments and `sys.path[0]` to the script's folder, as `python train.py` would.
@@ -52,7 +54,36 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="do not print the report (files are still written)")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the script")
+    codes = commands.add_parser(
+        "codes",
+        help="print the finding codes table (Markdown), or write it into a README between its markers",
+        description="Print every finding code, one line each, as the README's Markdown table.",
+    )
+    codes.add_argument(
+        "--write", metavar="PATH",
+        help=f"replace the table between {CODES_START!r} and {CODES_END!r} in PATH (e.g. README.md)",
+    )
     return parser
+
+
+CODES_START, CODES_END = "<!-- codes:start -->", "<!-- codes:end -->"
+
+
+def write_codes(path: str) -> bool:
+    """Put the generated codes table between the markers of the file at ``path``; True when it changed."""
+    from gradprobe.detectors import codes_markdown
+
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    head, start, rest = text.partition(CODES_START)
+    _, end, tail = rest.partition(CODES_END)
+    if not start or not end:
+        raise ValueError(f"{path} has no {CODES_START} ... {CODES_END} markers")
+    new = f"{head}{CODES_START}\n{codes_markdown()}{CODES_END}{tail}"
+    if new != text:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(new)
+    return new != text
 
 
 def run_script(
@@ -124,6 +155,19 @@ def _user_traceback(error: BaseException) -> TracebackType | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gradprobe`` and ``python -m gradprobe``; returns the exit status."""
     options = _parser().parse_args(argv)
+    if options.command == "codes":
+        from gradprobe.detectors import codes_markdown
+
+        if options.write:
+            try:
+                changed = write_codes(options.write)
+            except (OSError, ValueError) as exc:
+                print(f"{_PROG}: error: {exc}", file=sys.stderr)
+                return 2
+            print(f"{options.write}: {'updated' if changed else 'already up to date'}")
+        else:
+            print(codes_markdown(), end="")
+        return 0
     try:
         _, error = run_script(
             options.script,

@@ -225,6 +225,7 @@ def test_codes_are_documented() -> None:
     emitted = set()
     for path in root.glob("*.py"):
         emitted |= set(re.findall(r'code="(GP\d+)"', path.read_text()))
+    # (the table and the README's generated copy of it: tests/detectors/test_codes.py)
     assert emitted and all(code in table for code in emitted)
     readme = (root.parent.parent / "README.md").read_text()
     assert all(code in readme for code in emitted)
