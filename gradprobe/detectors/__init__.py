@@ -57,12 +57,12 @@ CODES: tuple[Code, ...] = (
          "(`opt.step()`, `x += 1`, `relu_`), before the engine starts"),
     Code("GP400", "conflict (decompose)", "warning", True,
          "two losses pull a module's gradient against each other (cosine <= -0.5, both parts non-negligible)"),
-    Code("GP410", "decompose_skipped (decompose)", "info", True,
-         "this backward was not split into per-loss parts: its graph holds a custom autograd.Function not "
-         "declared pure or a module backward hook, which gradprobe's extra passes would run a second time"),
     Code("GP401", "stale_grad", "warning", True,
          "a backward adds to `.grad` left from before an optimizer step (`zero_grad()` missing)"),
     Code("GP402", "stale_grad", "warning", True, "`.grad` was already non-zero when the trace started"),
+    Code("GP410", "decompose_skipped (decompose)", "info", True,
+         "this backward was not split into per-loss parts: its graph holds a custom autograd.Function not "
+         "declared pure or a module backward hook, which gradprobe's extra passes would run a second time"),
     Code("GP501", "unreached", "error", True,
          "the loss does not require grad, and which op cut it (`.item()`, `.detach()`, `.data`, `no_grad`, NumPy): "
          "PyTorch will raise \"element 0 of tensors does not require grad\""),

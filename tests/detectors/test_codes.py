@@ -30,7 +30,8 @@ def test_rows_match_the_plugins() -> None:
     for c in CODES:
         if c.kind.startswith("("):
             continue
-        name = c.kind.split(" (")[0] if not c.kind.startswith("conflict") else "decompose"
+        # "kind (plugin)" when the finding's kind is not the plugin's name (GP400, GP410: decompose)
+        name = c.kind.split(" (")[1].rstrip(")") if " (" in c.kind else c.kind
         assert name in BUILTIN_PLUGINS, c
         cls = _load(BUILTIN_PLUGINS[name])
         assert getattr(cls, "default", True) == c.default, c
