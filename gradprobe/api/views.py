@@ -33,6 +33,7 @@ class TraceViews:
         _findings: list[Finding]
         _ledger: Ledger
         keep: str
+        _report_depth: int | str | None
 
         @property
         def leaves(self) -> tuple[Leaf, ...]: ...
@@ -82,15 +83,37 @@ class TraceViews:
 
         return gather_trace(self, dst, group)
 
-    def report(self, console: Console | None = None) -> None:
-        """Print the report (calls, gradient breakdown, findings) to ``console`` (default: rich's)."""
+    def report(self, console: Console | None = None, depth: int | str | None = "auto") -> None:
+        """Print the report (calls, gradient breakdown, splits, findings) to ``console`` (default: rich's).
+
+        Args:
+            console: where to print; default: the trace's ``console=``, else rich's global console.
+            depth: how the tables of a big model are folded into a module tree. ``"auto"`` shows up
+                to 40 leaves one row each, and folds bigger models at the deepest level that fits
+                in about 40 rows, largest modules first, the rest in "… N more" rows; ``None``
+                shows every leaf; an integer folds at that level of the module tree.
+        """
         import rich
 
-        (console or self._console or rich.get_console()).print(self)
+        if depth is not None and depth != "auto" and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
+            raise ValueError(f"Trace.report(depth=...) must be 'auto', None or a level >= 1, got {depth!r}")
+        previous = self.__dict__.get("_report_depth", "auto")
+        self._report_depth = depth
+        try:
+            (console or self._console or rich.get_console()).print(self)
+        finally:
+            self._report_depth = previous
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.console import NewLine
+
+        first = True
         for sections in self._plugins.call("gradprobe_report_sections", trace=self):
-            yield from sections
+            for section in sections:
+                if not first:
+                    yield NewLine()  # a blank line between sections
+                first = False
+                yield section
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Jupyter displays a trace as its rich report."""
