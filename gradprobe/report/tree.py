@@ -37,20 +37,35 @@ class _Node:
     own: LeafBreakdown | None = None
     size: float = 0.0
     total: LeafBreakdown | Group | None = None
+    rest: Group | None = None  # the "… N more" children together
+
+
+class _Summed:
+    """One backward call's part of several leaves together (read like a :class:`Part`)."""
+
+    __slots__ = ("record", "norm", "absmax", "finite", "in_grad", "share")
+    cos_before = None
+
+    def __init__(self, record: int, norm: float, absmax: float, finite: bool, in_grad: bool, share: float | None) -> None:
+        self.record, self.norm, self.absmax, self.finite, self.in_grad, self.share = record, norm, absmax, finite, in_grad, share
+
+    @property
+    def zero(self) -> bool:
+        return self.absmax == 0.0
 
 
 @dataclass(frozen=True)
 class Group:
     """Several leaves' numbers together (a module, or the "… N more" siblings): quacks like a LeafBreakdown."""
 
-    parts: dict[int, Part]
+    parts: dict[int, Part | _Summed]
     carried_in: CarriedIn | None
     grad_norm: float | None
     grad_finite: bool | None
     check: bool | None
     count: int
 
-    def part(self, record: int) -> Part | None:
+    def part(self, record: int) -> Part | _Summed | None:
         return self.parts.get(record)
 
 
@@ -76,30 +91,28 @@ def _share(pairs: list[tuple[float | None, float]]) -> float | None:
     return sum(s * w for s, w in pairs) / total  # type: ignore[operator]
 
 
-def group(rows: list[LeafBreakdown | Group]) -> Group:
-    """The numbers of ``rows`` (leaves, or groups of leaves) together (exact; see NOTE [folding])."""
+def group(rows: list[LeafBreakdown]) -> Group:
+    """The numbers of ``rows`` together (exact; see NOTE [folding])."""
     by_record: dict[int, list[tuple[Part, float]]] = {}
     carried: list[tuple[CarriedIn, float]] = []
     count = 0
     for row in rows:
         w = _sq(row.grad_norm)
-        parts = row.parts.values() if isinstance(row, Group) else row.parts
-        count += row.count if isinstance(row, Group) else 1
-        for p in parts:
+        count += 1
+        for p in row.parts:
             by_record.setdefault(p.record, []).append((p, w))
         if row.carried_in is not None:
             carried.append((row.carried_in, w))
     out = {}
     for record, items in sorted(by_record.items()):
         in_grad = [(p.share, w) for p, w in items if p.in_grad]
-        out[record] = Part(
-            record=record,
-            norm=math.sqrt(sum(p.norm * p.norm for p, _ in items)),
-            absmax=max(p.absmax for p, _ in items),
-            finite=all(p.finite for p, _ in items),
-            in_grad=bool(in_grad),
-            share=_share(in_grad) if in_grad else None,
-            cos_before=None,
+        out[record] = _Summed(
+            record,
+            math.sqrt(sum(p.norm * p.norm for p, _ in items)),
+            max(p.absmax for p, _ in items),
+            all(p.finite for p, _ in items),
+            bool(in_grad),
+            _share(in_grad) if in_grad else None,
         )
     carried_in = None
     if carried:
@@ -121,13 +134,18 @@ def group(rows: list[LeafBreakdown | Group]) -> Group:
     )
 
 
+def _leaves(node: _Node, out: list[LeafBreakdown]) -> list[LeafBreakdown]:
+    if node.own is not None:
+        out.append(node.own)
+    for child in node.children.values():
+        _leaves(child, out)
+    return out
+
+
 def _group_of(node: _Node) -> LeafBreakdown | Group:
-    """A node's numbers, built bottom-up once (from its children's groups, not from every leaf again)."""
+    """A shown node's numbers (only shown nodes are summed: a 5,000-leaf model stays fast)."""
     if node.total is None:
-        items: list[LeafBreakdown | Group] = [_group_of(c) for c in node.children.values()]
-        if node.own is not None:
-            items.append(node.own)
-        node.total = group(items) if node.children else node.own
+        node.total = group(_leaves(node, [])) if node.children else node.own
     return node.total  # type: ignore[return-value]
 
 
@@ -177,7 +195,12 @@ def _rows(node: _Node, depth: int, level: int, out: list[Shown]) -> None:
         if level < depth:
             _rows(child, depth, level + 1, out)
     if rest:
-        out.append(Shown(f"… {len(rest)} more", 2 * (level - 1), group([_group_of(c) for c in rest]), more=True))
+        if node.rest is None:  # the same at every depth tried
+            leaves: list[LeafBreakdown] = []
+            for c in rest:
+                _leaves(c, leaves)
+            node.rest = group(leaves)
+        out.append(Shown(f"… {len(rest)} more", 2 * (level - 1), node.rest, more=True))
 
 
 def fold(rows: list[LeafBreakdown], depth: Depth = "auto") -> tuple[list[Shown], str]:
