@@ -9,14 +9,13 @@ from rich.panel import Panel
 from rich.text import Text
 
 from gradprobe._format import check_cell, nonfinite, number, share
-from gradprobe.analysis.breakdown import LeafBreakdown
 from gradprobe.report.layout import Column, fitted_table, table_width
 from gradprobe.report.tree import fold
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 
-    from gradprobe.analysis.breakdown import Part
+    from gradprobe.analysis.breakdown import LeafBreakdown, Part
     from gradprobe.report.tree import Depth
     from gradprobe.report.tree import Group as Folded
     from gradprobe.ledger.ledger import BackwardRecord
@@ -156,13 +155,14 @@ class _BreakdownTable:
         indents: list[int] = []
         shapes: list[Text] = []
         for s in shown_rows:
-            style = "dim" if s.more else ("" if isinstance(s.row, LeafBreakdown) and s.indent else "bold")
+            leaf = getattr(s.row, "leaf", None)  # a leaf's row, or a module's sum (tree.Group)
+            style = "dim" if s.more else ("" if leaf is not None and s.indent else "bold")
             labels.append(Text(" " * s.indent + s.label, style=style))
             indents.append(s.indent)
-            if isinstance(s.row, LeafBreakdown):
-                shapes.append(Text("×".join(map(str, s.row.leaf.shape)) or "scalar", style="dim"))
+            if leaf is not None:
+                shapes.append(Text("×".join(map(str, leaf.shape)) or "scalar", style="dim"))
             else:
-                shapes.append(Text(f"{s.row.count} tensors", style="dim"))
+                shapes.append(Text(f"{s.row.count} tensors", style="dim"))  # type: ignore[union-attr]
         columns = [
             Column("leaf" if not fold_note else "module / leaf", labels, justify="left", shrink=12, indents=indents),
             Column("shape", shapes, justify="left", drop=99, dropped="shape"),
