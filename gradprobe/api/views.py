@@ -8,6 +8,7 @@ the trace's plugin host, so the capture core never imports them.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,7 +22,26 @@ if TYPE_CHECKING:
     from gradprobe.ledger.records import Leaf
     from gradprobe.report.distributed import MergedTrace
 
-__all__ = ["TraceViews"]
+__all__ = ["SCHEMA", "TraceViews"]
+
+# NOTE [to_dict schema]
+# ``Trace.to_dict()["schema"]`` is bumped whenever a key changes meaning or goes away; new keys
+# may appear without a bump. Version 1: schema, gradprobe (version), keep, outcome {state: "new" |
+# "active" | "done", raised: did the traced block raise, exception: its class name or None},
+# records, leaves, breakdown, splits (``Trace.splits()``, empty when the decompose plugin is
+# disabled), findings. Per-step data (issue 11) will come as a "steps" key next to "splits".
+SCHEMA = 1
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings ("nan", "inf"), tuples as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class TraceViews:
@@ -34,6 +54,8 @@ class TraceViews:
         _ledger: Ledger
         keep: str
         _report_depth: int | str | None
+        _raised: str | None
+        _recorder: Any
 
         @property
         def leaves(self) -> tuple[Leaf, ...]: ...
@@ -60,17 +82,25 @@ class TraceViews:
         return plugin
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything recorded, JSON-safe (non-finite numbers as strings)."""
+        """Everything recorded, JSON-safe (non-finite numbers as strings); see NOTE [to_dict schema]."""
         from gradprobe import __version__
 
-        return {
-            "gradprobe": __version__,
-            "keep": self.keep,
-            "records": [r.to_dict() for r in self._ledger.records],
-            "leaves": [leaf.to_dict() for leaf in self.leaves],
-            "breakdown": [row.to_dict() for row in self.breakdown()],
-            "findings": [f.to_dict() for f in self._findings],
-        }
+        splits: list[dict[str, Any]] = []
+        if self._plugins.pm.get_plugin("decompose") is not None:
+            splits = [split.to_dict() for split in self.splits()]
+        return _json_safe(
+            {
+                "schema": SCHEMA,
+                "gradprobe": __version__,
+                "keep": self.keep,
+                "outcome": {"state": self._recorder.state, "raised": self._raised is not None, "exception": self._raised},
+                "records": [r.to_dict() for r in self._ledger.records],
+                "leaves": [leaf.to_dict() for leaf in self.leaves],
+                "breakdown": [row.to_dict() for row in self.breakdown()],
+                "splits": splits,
+                "findings": [f.to_dict() for f in self._findings],
+            }
+        )
 
     def gather(self, dst: int = 0, group: Any = None) -> MergedTrace | None:
         """Merge all ranks' traces of a torch.distributed job on rank ``dst`` (a collective call).
