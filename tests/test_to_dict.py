@@ -56,3 +56,21 @@ def test_to_dict_without_the_decomposer_has_no_splits() -> None:
         (w * w).sum().backward()
         (w * 3).sum().backward()
     assert t.to_dict()["splits"] == []
+
+
+def test_assert_share_takes_decomposed_loss_names() -> None:
+    """After one backward of a sum, assert_share works on the component names given with t.losses()."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"trunk": torch.nn.Linear(3, 4), "cls": torch.nn.Linear(4, 2), "box": torch.nn.Linear(4, 1)})
+    x = torch.randn(8, 3)
+    with gradprobe.trace(model, decompose=True) as t:
+        h = model["trunk"](x)
+        losses = t.losses({"loss_cls": model["cls"](h).pow(2).mean(), "loss_box": model["box"](h).abs().mean()})
+        sum(losses.values()).backward()
+    t.assert_share(model["cls"], "loss_cls", at_least=0.999)
+    t.assert_share("box", "loss_box", at_least=0.999)
+    t.assert_share(model["trunk"], "loss_cls", at_least=0.01, at_most=0.99)
+    with pytest.raises(AssertionError, match=r"'loss_box' has a share of 0.0% .*\n.*losses of backward #0:\n  loss_cls: 100.0%"):
+        t.assert_share(model["cls"], "loss_box", at_least=0.5)
+    with pytest.raises(ValueError, match="no backward call is named 'nope'"):
+        t.assert_share(model["cls"], "nope", at_least=0.5)

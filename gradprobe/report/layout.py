@@ -65,8 +65,8 @@ class Column:
 
 
 def table_width(widths: list[int]) -> int:
-    """The width of a :data:`box.SIMPLE_HEAD` table (edges shown, one cell of padding each side)."""
-    return sum(widths) + 3 * len(widths) + 1
+    """The width of a :data:`box.SIMPLE_HEAD` table without edges (one cell of padding each side)."""
+    return sum(widths) + 3 * len(widths) - 1
 
 
 def fitted_table(columns: list[Column], width: int, *, ends: set[int] | None = None) -> tuple[Table, list[str]]:
@@ -105,7 +105,7 @@ def fitted_table(columns: list[Column], width: int, *, ends: set[int] | None = N
                 cut = True
     if cut:
         notes.append("long names shortened from the left")
-    table = Table(box=box.SIMPLE_HEAD)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     for col in cols:
         w = col.natural()
         table.add_column(col.header, justify=col.justify, width=w, no_wrap=False, overflow="fold", style=col.style)  # type: ignore[arg-type]
