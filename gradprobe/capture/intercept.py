@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from gradprobe.capture.calls import BACKWARD_FUNCTIONS
-from gradprobe.capture.sites import user_site
+from gradprobe.capture.sites import user_frame, user_site
 
 if TYPE_CHECKING:
     from gradprobe.capture.recorder import Recorder
@@ -106,9 +107,29 @@ class Interceptor(TorchFunctionMode):
         self.table: dict[Any, Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]] = dict.fromkeys(
             BACKWARD_FUNCTIONS, self._backward
         )
+        self.table[_GRAD_GET] = self._grad_get
 
     def _backward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self._recorder.run_backward(func, args, kwargs)
+
+    def _grad_get(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``tensor.grad``: PyTorch's non-leaf warning points at the user's line, as without a trace."""
+        if not args or args[0].is_leaf or _is_compiling():
+            return func(*args, **kwargs)
+        if self.watch_grad_reads:
+            self._call("gradprobe_grad_read", tensor=args[0], site=user_site())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = func(*args, **kwargs)
+        frame = user_frame(2)
+        for w in caught:
+            if frame is None:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            else:
+                module = frame.f_globals.get("__name__", "<string>")
+                registry = frame.f_globals.setdefault("__warningregistry__", {})
+                warnings.warn_explicit(w.message, w.category, frame.f_code.co_filename, frame.f_lineno, module, registry)
+        return result
 
     def _call(self, hook_name: str, **kwargs: Any) -> None:
         recorder = self._recorder
@@ -129,8 +150,6 @@ class Interceptor(TorchFunctionMode):
             return handler(func, args, kwargs)
         if (self.watch_grad_reads or self.watch_writes) and _is_compiling():
             pass  # Dynamo is tracing a compiled region: see NOTE [torch.compile] in transforms.py
-        elif self.watch_grad_reads and func == _GRAD_GET and args and not args[0].is_leaf:
-            self._call("gradprobe_grad_read", tensor=args[0], site=user_site())
         elif self.watch_writes:
             kind = _WRITES.get(func)
             if kind is None:
