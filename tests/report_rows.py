@@ -8,7 +8,7 @@ import re
 from rich.console import Console
 
 WIDTHS = (80, 100, 160)
-_TABLES = ("Gradient breakdown", "Per-loss split")
+_TABLES = ("Gradient breakdown", "Per-loss split", "gradprobe · merged over")
 _CUT_CELL = re.compile(r"\S…")  # a cell cut at its end (names are shortened from the left: " …name")
 
 

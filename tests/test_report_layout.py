@@ -183,3 +183,19 @@ def test_captions_use_the_full_width() -> None:
     text = console.file.getvalue()
     legend = next(line for line in text.splitlines() if line.startswith("‖part‖ share%"))
     assert "≈0: round-off-sized gradient" in legend  # the whole legend on one 200-column line
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_merged_ddp_report_rows_fit(width: int) -> None:
+    """The merged (DDP) report keeps each leaf on one line too."""
+    from gradprobe.report.distributed import MergedTrace, summarize
+
+    model = bert_like(layers=2)
+    with gradprobe.trace(model) as t:
+        a, b = two_losses(model)
+        a.backward(retain_graph=True)
+        b.backward()
+    merged = MergedTrace([summarize(t, 0, 2), summarize(t, 1, 2)])
+    text = render(merged, width)
+    assert "merged over 2 ranks" in text
+    assert assert_rows_fit(text, width) == len(t.leaves)
