@@ -8,6 +8,7 @@ the trace's plugin host, so the capture core never imports them.
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -137,13 +138,19 @@ class TraceViews:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         from rich.console import NewLine
 
-        first = True
-        for sections in self._plugins.call("gradprobe_report_sections", trace=self):
-            for section in sections:
-                if not first:
-                    yield NewLine()  # a blank line between sections
-                first = False
-                yield section
+        collecting = gc.isenabled()
+        gc.disable()  # a big model's report makes many small objects: no full collections meanwhile
+        try:
+            first = True
+            for sections in self._plugins.call("gradprobe_report_sections", trace=self):
+                for section in sections:
+                    if not first:
+                        yield NewLine()  # a blank line between sections
+                    first = False
+                    yield section
+        finally:
+            if collecting:
+                gc.enable()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Jupyter displays a trace as its rich report."""
