@@ -134,3 +134,63 @@ def test_trace_displays_in_jupyter() -> None:
     assert set(bundle) == {"text/plain", "text/html"}
     assert "Gradient breakdown" in bundle["text/plain"] and "<pre" in bundle["text/html"]
     assert set(t._repr_mimebundle_(include=["text/html"])) == {"text/html"}
+
+
+def test_run_options_reach_the_trace(script: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--detect, --decompose, --on-finding and --keep are the trace's options."""
+    import gradprobe.integrations.cli as cli
+
+    seen: dict[str, object] = {}
+    original = cli.Trace
+
+    def spy(targets: object, **options: object) -> object:
+        seen.update(options)
+        return original(targets, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli, "Trace", spy)
+    args = ["run", "--detect", "freed_graph,unreached", "--decompose-every", "2", "--on-finding", "warn"]
+    assert main([*args, "--keep", "tensors", "--quiet", str(script)]) == 0
+    assert seen == {
+        "keep": "tensors",
+        "on_finding": "warn",
+        "detect": ["freed_graph", "unreached"],
+        "decompose": "every:2",
+    }
+
+
+def test_run_decompose_splits_the_backward(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gradprobe run --decompose` prints the per-loss split of a combined backward."""
+    path = tmp_path / "combined.py"
+    path.write_text(
+        "import torch\nimport torch.nn.functional as F\n"
+        "model = torch.nn.Linear(4, 2)\nout = model(torch.randn(8, 4))\n"
+        "a = F.mse_loss(out[:, 0], torch.zeros(8))\nb = F.l1_loss(out[:, 1], torch.ones(8))\n"
+        "(a + b).backward()\n"
+    )
+    assert main(["run", "--decompose", str(path)]) == 0
+    assert "Per-loss split of one backward" in capsys.readouterr().out
+
+
+def test_bad_detector_name_is_a_usage_error(script: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown --detect name exits 2 with trace()'s message."""
+    assert main(["run", "--detect", "nonsense", str(script)]) == 2
+    assert "names no detector called ['nonsense']" in capsys.readouterr().err
+
+
+def test_gradprobe_option_after_the_script_warns(script: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gradprobe run train.py --json out.json` says --json went to the script."""
+    assert main(["run", str(script), "--json", "out.json", "--lr=1"]) == 0
+    captured = capsys.readouterr()
+    assert "argv: ['--json', 'out.json', '--lr=1']" in captured.out
+    assert "warning: --json after the script name goes to the script" in captured.err
+    assert "--lr" not in captured.err
+
+
+def test_syntax_error_prints_the_error_and_no_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A script that does not compile: the SyntaxError, exit 1, no empty report first."""
+    path = tmp_path / "broken.py"
+    path.write_text("import torch\nx = (1,\n")
+    assert main(["run", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "gradprobe ·" not in captured.out
+    assert "SyntaxError" in captured.err and "broken.py" in captured.err

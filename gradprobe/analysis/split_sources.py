@@ -92,11 +92,11 @@ def per_backward_split(trace: Trace) -> Split | None:
     notes = []
     if unknown:
         notes.append(
-            f"{unknown} leaf{'s' * (unknown != 1)}: .grad holds 3+ parts, whose pairwise cosines keep='stats' "
+            f"{unknown} lea{'ves' if unknown != 1 else 'f'}: .grad holds 3+ parts, whose pairwise cosines keep='stats' "
             "cannot know; use trace(keep='tensors') or one backward with decompose=True"
         )
     if carried:
-        notes.append(f"{carried} leaf{'s' * (carried != 1)}: .grad also holds a value carried in from before; not split")
+        notes.append(f"{carried} lea{'ves' if carried != 1 else 'f'}: .grad also holds a value carried in from before; not split")
     records = trace.records
     names = [records[r].name for r in order]
     dupes = {n for n in names if names.count(n) > 1}

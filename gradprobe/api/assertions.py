@@ -21,6 +21,8 @@ from gradprobe.capture.sites import name_in_frame, user_frame
 
 if TYPE_CHECKING:
     from gradprobe.analysis.breakdown import LeafBreakdown
+    from gradprobe.analysis.split import Split
+    from gradprobe.capture.host import PluginHost
     from gradprobe.ledger.ledger import BackwardRecord
     from gradprobe.findings import Finding
 
@@ -42,6 +44,10 @@ class TraceAssertions:
         def records(self) -> tuple[BackwardRecord, ...]: ...
 
         def breakdown(self) -> list[LeafBreakdown]: ...
+
+        def splits(self) -> list[Split]: ...
+
+        _plugins: PluginHost
 
     def assert_no_findings(self, severity: str = "warning", *, ignore: tuple[str, ...] | list[str] = ()) -> None:
         """Fail if the trace has findings of ``severity`` or worse (codes in ``ignore`` excepted).
@@ -116,7 +122,9 @@ class TraceAssertions:
             target: a parameter, a module (its parameters together), or a name: a leaf's name
                 (``"fc1.weight"``) or a module's (``"head_b"``).
             loss: a backward call's name as in the report (``"loss_cls"``; all calls of that name
-                together) or its index in ``trace.records``.
+                together) or its index in ``trace.records``; or, with ``trace(..., decompose=True)``,
+                a component loss of a decomposed backward (``t.losses({"cls": ...})``): its share of
+                what the last backward decomposed with that loss added to ``target``.
             at_least: lowest share accepted, as a fraction (0.1 is 10%).
             at_most: highest share accepted.
 
@@ -131,10 +139,14 @@ class TraceAssertions:
         __tracebackhide__ = True
         if at_least is None and at_most is None:
             raise ValueError("assert_share() needs at_least=..., at_most=... or both (fractions, 0.1 is 10%)")
-        chosen = self._records_named(loss)
         label, rows = self._rows_of(target)
-        shares = {r.index: _share(rows, r.index) for r in self.records if r.accumulates}
-        share = _sum_shares([shares[r.index] for r in chosen])
+        component = self._component_share(loss, rows)
+        if component is not None:
+            chosen, shares, share = [], {}, component[0]
+        else:
+            chosen = self._records_named(loss)
+            shares = {r.index: _share(rows, r.index) for r in self.records if r.accumulates}
+            share = _sum_shares([shares[r.index] for r in chosen])
         if share is None:
             raise ValueError(
                 f"the share of {loss!r} in {label} is not known: some .grad there is the sum of three or more "
@@ -158,11 +170,37 @@ class TraceAssertions:
             f"({_plural(len(rows), 'parameter')}, ‖.grad‖ {norm2 ** 0.5:.4g}); expected {wanted}.",
             "Shares of every backward call:",
         ]
+        if component is not None:
+            lines[-1] = f"Shares of the losses of backward #{component[1]}:"
+            lines += [f"  {name}: {_percent(value)}" for name, value in component[2]]
+            raise AssertionError("\n".join(lines))
         for record in self.records:
             if record.accumulates:
                 where = f" ({record.site})" if record.site else ""
                 lines.append(f"  #{record.index} {record.name}{where}: {_percent(shares[record.index])}")
         raise AssertionError("\n".join(lines))
+
+    def _component_share(
+        self, loss: str | int, rows: list[LeafBreakdown]
+    ) -> tuple[float | None, int, list[tuple[str, float | None]]] | None:
+        """``loss`` as a component of the last decomposed backward that has it: (share, record, all shares)."""
+        if not isinstance(loss, str) or any(r.name == loss for r in self.records):
+            return None
+        if self._plugins.pm.get_plugin("decompose") is None:
+            return None
+        splits = [s for s in self.splits() if s.kind == "decomposed" and loss in s.losses]
+        if not splits:
+            return None
+        split = splits[-1]
+        wanted = {id(row.leaf) for row in rows}
+        leaves = [leaf for leaf in split.leaves if id(leaf.leaf) in wanted]
+        k = len(split.losses)
+        if not leaves or any(leaf.gram is None for leaf in leaves):
+            return None, split.record or 0, []
+        gram = [[sum(leaf.gram[i][j] for leaf in leaves) for j in range(k)] for i in range(k)]  # type: ignore[index]
+        total = sum(map(sum, gram))
+        shares = [sum(row) / total if total > 0 else None for row in gram]
+        return shares[split.losses.index(loss)], split.record or 0, list(zip(split.losses, shares))
 
     # -- helpers ---------------------------------------------------------------------------
 

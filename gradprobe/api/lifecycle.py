@@ -37,6 +37,7 @@ class TraceLifecycle:
     """``__enter__`` / ``__exit__`` and the handles plugins hand over (``own``, ``own_context``)."""
 
     _grad_enabled = True  # grad mode when the trace was entered
+    _raised: str | None = None  # the class name of the exception the traced block raised
 
     if TYPE_CHECKING:  # provided by Trace
         _recorder: Recorder
@@ -82,6 +83,7 @@ class TraceLifecycle:
         collecting = gc.isenabled()
         try:
             gc.disable()  # NOTE [no collections while hooking] in capture/lifecycle.py
+            self._raised = None if exc_type is None else exc_type.__name__
             # An interruption (Ctrl-C) in the block may have cut a no_grad() region of gradprobe's
             # hooks short: grad mode goes back to what it was at __enter__, else to what it is now.
             interrupted = exc_type is not None and not issubclass(exc_type, Exception)

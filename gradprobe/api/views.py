@@ -8,6 +8,8 @@ the trace's plugin host, so the capture core never imports them.
 
 from __future__ import annotations
 
+import gc
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,7 +23,26 @@ if TYPE_CHECKING:
     from gradprobe.ledger.records import Leaf
     from gradprobe.report.distributed import MergedTrace
 
-__all__ = ["TraceViews"]
+__all__ = ["SCHEMA", "TraceViews"]
+
+# NOTE [to_dict schema]
+# ``Trace.to_dict()["schema"]`` is bumped whenever a key changes meaning or goes away; new keys
+# may appear without a bump. Version 1: schema, gradprobe (version), keep, outcome {state: "new" |
+# "active" | "done", raised: did the traced block raise, exception: its class name or None},
+# records, leaves, breakdown, splits (``Trace.splits()``, empty when the decompose plugin is
+# disabled), findings. Per-step data (issue 11) will come as a "steps" key next to "splits".
+SCHEMA = 1
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings ("nan", "inf"), tuples as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class TraceViews:
@@ -33,6 +54,9 @@ class TraceViews:
         _findings: list[Finding]
         _ledger: Ledger
         keep: str
+        _report_depth: int | str | None
+        _raised: str | None
+        _recorder: Any
 
         @property
         def leaves(self) -> tuple[Leaf, ...]: ...
@@ -59,17 +83,25 @@ class TraceViews:
         return plugin
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything recorded, JSON-safe (non-finite numbers as strings)."""
+        """Everything recorded, JSON-safe (non-finite numbers as strings); see NOTE [to_dict schema]."""
         from gradprobe import __version__
 
-        return {
-            "gradprobe": __version__,
-            "keep": self.keep,
-            "records": [r.to_dict() for r in self._ledger.records],
-            "leaves": [leaf.to_dict() for leaf in self.leaves],
-            "breakdown": [row.to_dict() for row in self.breakdown()],
-            "findings": [f.to_dict() for f in self._findings],
-        }
+        splits: list[dict[str, Any]] = []
+        if self._plugins.pm.get_plugin("decompose") is not None:
+            splits = [split.to_dict() for split in self.splits()]
+        return _json_safe(
+            {
+                "schema": SCHEMA,
+                "gradprobe": __version__,
+                "keep": self.keep,
+                "outcome": {"state": self._recorder.state, "raised": self._raised is not None, "exception": self._raised},
+                "records": [r.to_dict() for r in self._ledger.records],
+                "leaves": [leaf.to_dict() for leaf in self.leaves],
+                "breakdown": [row.to_dict() for row in self.breakdown()],
+                "splits": splits,
+                "findings": [f.to_dict() for f in self._findings],
+            }
+        )
 
     def gather(self, dst: int = 0, group: Any = None) -> MergedTrace | None:
         """Merge all ranks' traces of a torch.distributed job on rank ``dst`` (a collective call).
@@ -82,15 +114,43 @@ class TraceViews:
 
         return gather_trace(self, dst, group)
 
-    def report(self, console: Console | None = None) -> None:
-        """Print the report (calls, gradient breakdown, findings) to ``console`` (default: rich's)."""
+    def report(self, console: Console | None = None, depth: int | str | None = "auto") -> None:
+        """Print the report (calls, gradient breakdown, splits, findings) to ``console`` (default: rich's).
+
+        Args:
+            console: where to print; default: the trace's ``console=``, else rich's global console.
+            depth: how the tables of a big model are folded into a module tree. ``"auto"`` shows up
+                to 40 leaves one row each, and folds bigger models at the deepest level that fits
+                in about 40 rows, largest modules first, the rest in "… N more" rows; ``None``
+                shows every leaf; an integer folds at that level of the module tree.
+        """
         import rich
 
-        (console or self._console or rich.get_console()).print(self)
+        if depth is not None and depth != "auto" and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
+            raise ValueError(f"Trace.report(depth=...) must be 'auto', None or a level >= 1, got {depth!r}")
+        previous = self.__dict__.get("_report_depth", "auto")
+        self._report_depth = depth
+        try:
+            (console or self._console or rich.get_console()).print(self)
+        finally:
+            self._report_depth = previous
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        for sections in self._plugins.call("gradprobe_report_sections", trace=self):
-            yield from sections
+        from rich.console import NewLine
+
+        collecting = gc.isenabled()
+        gc.disable()  # a big model's report makes many small objects: no full collections meanwhile
+        try:
+            first = True
+            for sections in self._plugins.call("gradprobe_report_sections", trace=self):
+                for section in sections:
+                    if not first:
+                        yield NewLine()  # a blank line between sections
+                    first = False
+                    yield section
+        finally:
+            if collecting:
+                gc.enable()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Jupyter displays a trace as its rich report."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
-from gradprobe.capture.sites import Site, expression_at, name_in_frame
+from gradprobe.capture.sites import Site, caller_outside_libraries, expression_at, library_of, name_in_frame, site_of
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -81,10 +81,13 @@ def describe_call(
     create_graph = bool(params.get("create_graph", False))
     retain = params.get("retain_graph")
     retain_graph = create_graph if retain is None else bool(retain)
+    name = _name(roots, site, frame, names, method, kind, index)
+    if site is not None and library_of(site.filename):  # NOTE [library call sites] in sites.py
+        site = site_of(caller_outside_libraries(frame)) or site
     return BackwardCall(
         index=index,
         kind=kind,
-        name=_name(roots, site, frame, names, method, kind, index),
+        name=name,
         roots=roots,
         inputs=_tensors(params.get("inputs")),
         retain_graph=retain_graph,

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -18,7 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from gradprobe.capture.calls import BACKWARD_FUNCTIONS
-from gradprobe.capture.sites import user_site
+from gradprobe.capture.sites import user_frame, user_site
 
 if TYPE_CHECKING:
     from gradprobe.capture.recorder import Recorder
@@ -59,10 +60,8 @@ def _classify(func: Callable[..., Any]) -> int:
     return _NEVER if index is None else index
 
 
-# small ints (cached objects): compared with `is` on the fast path; _GRAD_READ marks `Tensor.grad`'s
-# getter (a new method-wrapper at every access, equal but not identical to _GRAD_GET)
-_ALWAYS, _NEVER, _GRAD_READ = -1, -2, -3
-# func -> _classify(func) (or _GRAD_READ), shared by every trace of the process (functions are global objects, and
+_ALWAYS, _NEVER = -1, -2  # small ints (cached objects): compared with `is` on the fast path
+# func -> _classify(func), shared by every trace of the process (functions are global objects, and
 # classifying one reads its signature: ~0.1 ms, too much to repeat in every new trace).
 _WRITES: dict[Any, int] = {}
 
@@ -117,6 +116,11 @@ def _TO_RECORDER(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
     raise AssertionError("gradprobe: the backward marker is not a handler")
 
 
+def _ON_GRAD_READ(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:  # noqa: N802
+    """Marks ``Tensor.grad``'s getter in ``Interceptor.table``; never called (the mode runs ``_grad_get``)."""
+    raise AssertionError("gradprobe: the .grad marker is not a handler")
+
+
 class Interceptor(TorchFunctionMode):
     """Routes the few torch calls a trace cares about to it; passes everything else straight on."""
 
@@ -130,6 +134,26 @@ class Interceptor(TorchFunctionMode):
         self.table: dict[Any, Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]] = dict.fromkeys(
             BACKWARD_FUNCTIONS, _TO_RECORDER
         )
+        self.table[_GRAD_GET] = _ON_GRAD_READ  # handled inline too: a bound method here would be a cycle
+
+    def _grad_get(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``tensor.grad``: PyTorch's non-leaf warning points at the user's line, as without a trace."""
+        if not args or args[0].is_leaf or _is_compiling():
+            return func(*args, **kwargs)
+        if self.watch_grad_reads:
+            self._call("gradprobe_grad_read", tensor=args[0], site=user_site())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = func(*args, **kwargs)
+        frame = user_frame(2)
+        for w in caught:
+            if frame is None:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            else:
+                module = frame.f_globals.get("__name__", "<string>")
+                registry = frame.f_globals.setdefault("__warningregistry__", {})
+                warnings.warn_explicit(w.message, w.category, frame.f_code.co_filename, frame.f_lineno, module, registry)
+        return result
 
     def _call(self, hook_name: str, **kwargs: Any) -> None:
         recorder = self._recorder()
@@ -152,17 +176,16 @@ class Interceptor(TorchFunctionMode):
                 if recorder is None:
                     return func(*args, **kwargs)
                 return recorder.run_backward(func, args, kwargs)
+            if handler is _ON_GRAD_READ:
+                return self._grad_get(func, args, kwargs)
             return handler(func, args, kwargs)
         kind = _WRITES.get(func)
         if kind is _NEVER and "out" not in kwargs:  # NOTE [fast path]: most calls end here
             return func(*args, **kwargs)
         if kind is None:
-            kind = _WRITES[func] = _GRAD_READ if func == _GRAD_GET else _classify(func)
+            kind = _WRITES[func] = _classify(func)
         if (self.watch_grad_reads or self.watch_writes) and _is_compiling():
             pass  # Dynamo is tracing a compiled region: see NOTE [torch.compile] in transforms.py
-        elif kind is _GRAD_READ:
-            if self.watch_grad_reads and args and not args[0].is_leaf:
-                self._call("gradprobe_grad_read", tensor=args[0], site=user_site())
         elif self.watch_writes:
             in_place = kind == _ALWAYS or (kind >= 0 and _flag(kind, args, kwargs))
             # any function may take out=; only in-place ones write through args[0]

@@ -267,7 +267,7 @@ class Recorder:
             self.subject.notice_once(compiled_notice(site))
         record = self.ledger.add_record(
             name=call.name,
-            site=site,
+            site=call.site,
             retain_graph=call.retain_graph,
             kind=call.kind,
             create_graph=call.create_graph,

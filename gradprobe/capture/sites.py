@@ -19,7 +19,18 @@ import torch
 
 from gradprobe.findings import Site
 
-__all__ = ["TORCH_DIR", "Site", "expression_at", "frame_locals", "name_in_frame", "site_of", "user_frame", "user_site"]
+__all__ = [
+    "TORCH_DIR",
+    "Site",
+    "caller_outside_libraries",
+    "expression_at",
+    "frame_locals",
+    "library_of",
+    "name_in_frame",
+    "site_of",
+    "user_frame",
+    "user_site",
+]
 
 TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # torch's own frames are never the user's
 _GRADPROBE_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep  # the whole package
@@ -40,6 +51,47 @@ def user_frame(depth: int = 1) -> FrameType | None:
     """Return the innermost frame of user code, skipping torch, gradprobe and stdlib plumbing."""
     frame: FrameType | None = sys._getframe(depth)
     while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
+
+
+# NOTE [library call sites]
+# Training stacks call `loss.backward()` for the user (Lightning's `manual_backward`, accelerate's
+# `accelerator.backward`, the HF Trainer): the first frame outside torch is the library's line,
+# which tells the user nothing. A backward call's site is then the first frame further up that is
+# outside these libraries: the script line that called `trainer.fit()` / `trainer.train()`. The
+# call keeps its name from the library's line (`loss`), and detectors keep the library frame for
+# its locals. Only the libraries below are skipped: a user's own package in site-packages is code
+# they can change.
+_TRAINING_LIBRARIES = frozenset(
+    {
+        "accelerate",
+        "composer",
+        "deepspeed",
+        "fastai",
+        "ignite",
+        "lightning",
+        "lightning_fabric",
+        "pytorch_lightning",
+        "transformers",
+    }
+)
+_PACKAGES_DIR = re.compile(r"[\\/](?:site|dist)-packages[\\/]([^\\/]+)")
+
+
+@functools.lru_cache(maxsize=1024)
+def library_of(filename: str) -> str | None:
+    """The training library (``"accelerate"``, ``"lightning"`` ...) a file belongs to, if any."""
+    match = _PACKAGES_DIR.search(filename)
+    if match is None:
+        return None
+    name = match.group(1).split(".")[0]
+    return name if name in _TRAINING_LIBRARIES else None
+
+
+def caller_outside_libraries(frame: FrameType | None) -> FrameType | None:
+    """The first frame from ``frame`` up that is neither internal nor in a training library (NOTE above)."""
+    while frame is not None and (_is_internal(frame.f_code.co_filename) or library_of(frame.f_code.co_filename)):
         frame = frame.f_back
     return frame
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, ValuesView
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,10 +23,28 @@ Target = tuple[torch.Tensor, str, "str | None"]  # (leaf, name, owning module's 
 
 
 def _describe(obj: Any) -> str:
-    text = repr(obj)
+    text = " ".join(repr(obj).split())  # one line: a dict of Parameters has a multi-line repr
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(obj).__name__} {text}"
+
+
+def _mapping_error(obj: Mapping[Any, Any], frame: FrameType | None) -> TraceTargetError:
+    """What to pass instead of a dict: its ``.values()`` when they are leaves, the module for a state_dict."""
+    label = name_in_frame(frame, obj)
+    values = list(obj.values())
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    what = f"`{label}`" if label else f"a {type(obj).__name__}"
+    if tensors and len(tensors) == len(values) and all(t.requires_grad and t.is_leaf for t in tensors):
+        fix = f"pass its values: `gradprobe.trace({label}.values())`" if label else "pass its values: `gradprobe.trace(d.values())`"
+    elif tensors and not any(t.requires_grad for t in tensors):
+        fix = (
+            "its tensors do not require grad (a state_dict holds detached copies): pass the module itself, "
+            "e.g. `gradprobe.trace(model)`"
+        )
+    else:
+        fix = "pass nn.Module objects or leaf tensors that require grad, or nothing at all to trace every leaf"
+    return TraceTargetError(f"gradprobe.trace() cannot trace {what} (a mapping of {len(values)} entries); {fix}")
 
 
 def tensor_label(t: torch.Tensor, serial: int) -> str:
@@ -64,12 +82,14 @@ def _module_of(qualname: str) -> str | None:
     return head or None
 
 
-def _flatten(objs: Iterable[Any]) -> Iterator[Any]:
+def _flatten(objs: Iterable[Any], frame: FrameType | None = None) -> Iterator[Any]:
     for obj in objs:
         if isinstance(obj, (nn.Module, torch.Tensor)):
             yield obj
-        elif isinstance(obj, (list, tuple, set)) or _is_generator(obj):
-            yield from _flatten(obj)
+        elif isinstance(obj, (list, tuple, set, ValuesView)) or _is_generator(obj):
+            yield from _flatten(obj, frame)
+        elif isinstance(obj, Mapping):
+            raise _mapping_error(obj, frame)
         else:
             raise TraceTargetError(
                 f"gradprobe.trace() cannot trace {_describe(obj)}: pass nn.Module objects, leaf tensors "
@@ -83,7 +103,7 @@ def _is_generator(obj: Any) -> bool:
 
 def resolve_targets(objs: tuple[Any, ...], frame: FrameType | None, serial: Iterator[int]) -> list[Target]:
     """Resolve ``trace(*objs)`` into distinct named leaves; warn about modules with nothing to trace."""
-    flat = list(_flatten(objs))
+    flat = list(_flatten(objs, frame))
     namer: LeafNamer | None = None  # built on the first tensor target: modules name their own parameters
     modules = [m for m in flat if isinstance(m, nn.Module)]
     prefix_modules = len(modules) > 1
@@ -123,18 +143,26 @@ def resolve_targets(objs: tuple[Any, ...], frame: FrameType | None, serial: Iter
 
 
 def _check_leaf(t: torch.Tensor, frame: FrameType | None) -> None:
-    label = name_in_frame(frame, t) or f"tensor of shape {tuple(t.shape)}"
+    name = name_in_frame(frame, t)
+    label = name or f"tensor of shape {tuple(t.shape)}"
     if not t.requires_grad:
+        what = f"`{name}`" if name else f"a {t.dtype} tensor of shape {tuple(t.shape)}"
+        if not (t.is_floating_point() or t.is_complex()):
+            raise TraceTargetError(
+                f"gradprobe.trace(): {what} holds integers ({t.dtype}), which never have gradients; "
+                "trace the floating-point leaves that train (e.g. the model), or leave it out of trace()"
+            )
+        how = f"`{name}.requires_grad_()`" if name else "`.requires_grad_()` on it where it is made"
         raise TraceTargetError(
-            f"gradprobe.trace(): `{label}` does not require grad, so no gradient ever reaches it; "
-            f"call {label}.requires_grad_() before the forward pass, or leave it out of trace()"
+            f"gradprobe.trace(): {what} does not require grad, so no gradient ever reaches it; "
+            f"call {how} before the forward pass, or leave it out of trace()"
         )
     if not t.is_leaf:
         op = type(t.grad_fn).__name__ if t.grad_fn is not None else "an op"
         raise TraceTargetError(
             f"gradprobe.trace(): `{label}` is not a leaf tensor (made by {op}), and autograd only "
             f"accumulates .grad into leaves; trace the leaf it was computed from (a parameter or input), "
-            f"or call {label}.retain_grad() and read its .grad yourself"
+            f"or call {f'`{name}.retain_grad()`' if name else '`.retain_grad()` on it'} and read its .grad yourself"
         )
 
 

@@ -166,8 +166,19 @@ def node_owner(
 
 
 def call_text(name: str, kind: str) -> str:
-    """A backward call as the user wrote it: ``loss.backward()`` or ``autograd.grad(loss, ...)``."""
-    return f"`{name}.backward()`" if kind == "backward" else f"`autograd.grad({name}, ...)`"
+    """A backward call as the user wrote it: ``loss.backward()``, ``(l1 + l2).backward()``, ``autograd.grad(loss, ...)``."""
+    if kind != "backward":
+        return f"`autograd.grad({name}, ...)`"
+    return f"`{name}.backward()`" if _primary(name) else f"`({name}).backward()`"
+
+
+def _primary(expr: str) -> bool:
+    """Whether ``expr`` can take ``.backward()`` without parentheses (a name, attribute, call, subscript)."""
+    try:
+        node = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        return True  # not Python (``backward#3``): shown as it is
+    return isinstance(node, (ast.Name, ast.Attribute, ast.Call, ast.Subscript, ast.Constant))
 
 
 def saved_tensors(nodes: Any) -> Iterator[torch.Tensor]:

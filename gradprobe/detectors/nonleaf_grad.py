@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import keyword
 import linecache
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -128,8 +129,9 @@ class NonLeafGrad:
         if read is not None:
             related.append(RelatedSite(read.filename, read.lineno, f"reads `{name}.grad`"))
         fix = f"call `{name}.retain_grad()` before the backward" + (f" (right after line {made.lineno})" if made else "")
-        if leaf:
-            fix += f", or read the leaf's gradient, `{leaf}.grad`"
+        expr = python_expr(leaf) if leaf and type(node).__name__ in _SAME_GRADIENT else None
+        if expr:  # a cast or a view: the leaf's gradient holds the same numbers (NOTE [leaf alternative])
+            fix += f", or read the leaf's gradient, `{expr}.grad`"
         if ahead:
             message = (
                 f"`{name}.grad` is read at {read} but `{name}` is not a leaf ({how}) and does not retain its "
@@ -165,6 +167,47 @@ class NonLeafGrad:
             plugin="nonleaf_grad",
             data={"tensor": name},
         )
+
+
+# NOTE [leaf alternative]
+# For a non-leaf made from a parameter in one op, reading the parameter's .grad instead is only the
+# same quantity when that op passes gradients through unchanged: a cast (``w.half()``) or a view
+# (``w.view(-1)``, ``w.t()``), where the leaf's gradient is the non-leaf's, in the leaf's dtype and
+# shape. After ``y = w * 2`` it is twice as large: then only retain_grad() is suggested. The leaf is
+# named as Python (``model[0].bias``, not the report's ``model.0.bias``), or not suggested at all.
+_SAME_GRADIENT = frozenset(
+    {
+        "ToCopyBackward0",
+        "CloneBackward0",
+        "AliasBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "TBackward0",
+        "TransposeBackward0",
+        "PermuteBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+    }
+)
+
+
+def python_expr(name: str) -> str | None:
+    """A report name as Python: ``model.0.bias`` -> ``model[0].bias``; None when it is not one."""
+    parts = name.split(".")
+    if not parts or not parts[0].isidentifier() or keyword.iskeyword(parts[0]):
+        return None
+    out = parts[0]
+    for part in parts[1:]:
+        if part.isdigit():
+            out += f"[{part}]"
+        elif part.isidentifier() and not keyword.iskeyword(part):
+            out += f".{part}"
+        else:
+            return None
+    return out
 
 
 def _source_leaf(trace: Trace, frame: FrameType | None, node: Any) -> str | None:

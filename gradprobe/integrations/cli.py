@@ -51,9 +51,33 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="PATH", help="also write everything recorded as JSON (Trace.to_dict())")
     run.add_argument("--html", metavar="PATH", help="also write the report as a standalone HTML page")
     run.add_argument("--keep", choices=("stats", "tensors"), default="stats", help="what to keep per part (default: stats)")
+    run.add_argument(
+        "--detect",
+        default="default",
+        metavar="WHICH",
+        help="mistake detectors: 'default', 'all', or detector names separated by commas (trace(detect=...))",
+    )
+    run.add_argument(
+        "--decompose",
+        action="store_true",
+        help="split each backward of a combined loss into the part each loss added (trace(decompose=True))",
+    )
+    run.add_argument(
+        "--decompose-every",
+        type=int,
+        metavar="N",
+        help="decompose every N-th backward only (trace(decompose='every:N'); implies --decompose)",
+    )
+    run.add_argument(
+        "--on-finding",
+        choices=("record", "warn", "raise"),
+        default="record",
+        help="what a finding does while the script runs (default: record; all are in the report at the end)",
+    )
     run.add_argument("--quiet", action="store_true", help="do not print the report (files are still written)")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the script")
+    parser.set_defaults(run_options=sorted({o for a in run._actions for o in a.option_strings} - {"-h", "--help"}))
     codes = commands.add_parser(
         "codes",
         help="print the finding codes table (Markdown), or write it into a README between its markers",
@@ -94,16 +118,25 @@ def run_script(
     json_path: str | None = None,
     html_path: str | None = None,
     quiet: bool = False,
+    detect: str | Sequence[str] = "default",
+    decompose: bool | str = False,
+    on_finding: str = "record",
 ) -> tuple[Trace, BaseException | None]:
     """Run ``script`` as ``__main__`` under a trace; write the report/files; return the trace and any error.
 
     The script's exception (or ``SystemExit``) is returned, not raised, so the caller decides how to exit.
+
+    Raises:
+        FileNotFoundError: there is no script at ``script``.
+        SyntaxError: the script does not compile (nothing runs, no report is printed).
     """
     if not os.path.isfile(script):
         where = os.path.abspath(script)
         hint = " (it is a folder; name the script inside it)" if os.path.isdir(script) else ""
         raise FileNotFoundError(f"gradprobe run: no script at {where}{hint}; usage: gradprobe run train.py [args]")
-    tracer = Trace((), keep=keep, on_finding="record")  # type: ignore[arg-type]
+    with open(script, "rb") as fh:
+        compile(fh.read(), script, "exec")  # a SyntaxError now, before an empty report
+    tracer = Trace((), keep=keep, on_finding=on_finding, detect=detect, decompose=decompose)  # type: ignore[arg-type]
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
     sys.argv = [script, *args]
     folder = os.path.dirname(os.path.abspath(script))
@@ -152,6 +185,11 @@ def _user_traceback(error: BaseException) -> TracebackType | None:
     return tb or error.__traceback__
 
 
+def _misplaced(ours: Sequence[str], args: Sequence[str]) -> list[str]:
+    """Arguments after the script name that are ``gradprobe run`` options (they go to the script)."""
+    return [a for a in args if a.split("=", 1)[0] in ours]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gradprobe`` and ``python -m gradprobe``; returns the exit status."""
     options = _parser().parse_args(argv)
@@ -168,6 +206,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(codes_markdown(), end="")
         return 0
+    misplaced = _misplaced(options.run_options, options.args)
+    if misplaced:
+        print(
+            f"{_PROG}: warning: {', '.join(misplaced)} after the script name {'go' if len(misplaced) > 1 else 'goes'} "
+            f"to the script, not to gradprobe; put gradprobe's options before it: "
+            f"gradprobe run {' '.join(misplaced)} ... {options.script}",
+            file=sys.stderr,
+        )
+    detect: str | list[str] = options.detect
+    if detect not in ("default", "all"):
+        detect = [name.strip() for name in detect.split(",") if name.strip()]
+    decompose: bool | str = options.decompose
+    if options.decompose_every is not None:
+        decompose = f"every:{options.decompose_every}"
     try:
         _, error = run_script(
             options.script,
@@ -176,8 +228,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             json_path=options.json,
             html_path=options.html,
             quiet=options.quiet,
+            detect=detect,
+            decompose=decompose,
+            on_finding=options.on_finding,
         )
     except FileNotFoundError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except SyntaxError as exc:
+        print("".join(traceback.format_exception_only(type(exc), exc)), end="", file=sys.stderr)
+        print(f"{_PROG}: {options.script} does not compile; nothing ran", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a bad --detect / --decompose-every value
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 2
     if error is None:

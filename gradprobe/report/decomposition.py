@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rich import box
-from rich.table import Table
 from rich.text import Text
 
-from gradprobe.analysis.split import CONFLICT_COSINE
+from gradprobe.analysis.split import CONFLICT_COSINE, ModuleSplit
 from gradprobe.hookspecs import hookimpl
 from gradprobe._format import check_cell, number, share
+from gradprobe.report.layout import Column, fitted_table
+from gradprobe.report.tree import MAX_ROWS
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
+    from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 
-    from gradprobe.analysis.split import GramView, Split
+    from gradprobe.analysis.split import GramView, LeafSplit, Split
+    from gradprobe.report.tree import Depth
     from gradprobe.api.trace import Trace
 
 __all__ = ["DecompositionSection", "split_table"]
@@ -61,64 +62,109 @@ def _cos(view: GramView, k: int, names: tuple[str, ...], scale: float) -> Text:
     return text
 
 
-def split_table(split: Split, max_leaf_rows: int = 24) -> RenderableType:
-    """One row per module (and per leaf, when there are few): each loss's ‖part‖ and share, cosine, Σ."""
-    k = len(split.losses)
-    if split.kind == "decomposed":
-        where = f" at {split.site}" if split.site else ""
-        title = f"Per-loss split of one backward · {split.title}{where}"
-    else:
-        title = "Per-loss split of the final .grad · one part per backward call"
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("module / leaf", no_wrap=True, overflow="ellipsis", min_width=12)
-    weights = split.weights or ()
-    for i, name in enumerate(split.losses):
-        header = Text(name, style="bold")
-        if i < len(weights):
-            header.append(f"\n× {weights[i]}", style="dim")
-        elif name == "(rest)" or name == split.derived:
-            header.append("\nderived", style="dim")
-        table.add_column(header, justify="right")
-    table.add_column("cos" if k == 2 else "lowest cos", justify="right")
-    table.add_column("Σ", justify="center")
-    show_leaves = len(split.leaves) <= max_leaf_rows
-    scale = max((leaf.largest for leaf in split.leaves), default=0.0)
-    for module in split.modules():
-        lone = len(module.leaves) == 1 and module.leaves[0].leaf.name == module.name
-        cells: list[Any] = [Text(module.name, style="bold")]
-        cells += [_part(module, i, scale) for i in range(k)]
-        table.add_row(*cells, _cos(module, k, split.losses, scale), check_cell(module.check))
-        if show_leaves and not lone:
-            for leaf in module.leaves:
-                label = leaf.leaf.name[len(module.name) + 1 :] if leaf.leaf.name.startswith(module.name + ".") else leaf.leaf.name
-                cells = [Text("  " + label, style="dim")] + [_part(leaf, i, scale) for i in range(k)]
-                table.add_row(*cells, _cos(leaf, k, split.losses, scale), check_cell(leaf.check))
-    model = split.model()
-    table.add_row(
-        Text("(all)", style="bold"),
-        *[_part(model, i) for i in range(k)],
-        _cos(model, k, split.losses, scale),
-        check_cell(split.check),
-        end_section=True,
-    )
-    captions = [f"computed: {split.strategy}"] + ([split.cost] if split.cost else []) + list(split.notes)
-    if split.kind == "decomposed":
-        captions.append(split.check_text)
-    if not show_leaves:
-        captions.append(f"{len(split.leaves)} leaves grouped by module; Trace.splits() has every leaf")
-    captions.append(
-        "‖part‖ share% (projection on the sum; the shares add up to 100%)   · not reached   "
-        f"zero = reached, exactly 0   cos ≤ {CONFLICT_COSINE} (red): the losses pull against each other   "
-        "≈0: within the part's round-off bound (size and dtype of the leaf), no size or direction to read"
-        + (
-            "   Σ: the parts add up to what the backward added (rtol 1e-5; blank where a part is derived: not checked)"
-            if split.kind == "decomposed"
-            else ""
+def split_table(split: Split, max_leaf_rows: int = 24, depth: Depth = "auto") -> RenderableType:
+    """One row per module (and per leaf, when there are few): each loss's ‖part‖ and share, cosine, Σ.
+
+    ``depth=None`` shows every module and leaf; otherwise a big model shows its ``MAX_ROWS``
+    largest modules and one "… N more" row (NOTE [folding] in ``report/tree.py``).
+    """
+    return _SplitTable(split, max_leaf_rows, depth)
+
+
+def _together(name: str, leaves: list[LeafSplit], k: int) -> ModuleSplit:
+    """Several leaves as one row (their Gram matrices summed, as :meth:`Split.modules` does)."""
+    reached = tuple(any(leaf.reached[i] for leaf in leaves) for i in range(k))
+    gram = None
+    if leaves and all(leaf.gram is not None for leaf in leaves):
+        gram = tuple(tuple(sum(leaf.gram[i][j] for leaf in leaves) for j in range(k)) for i in range(k))  # type: ignore[index]
+    return ModuleSplit(name, tuple(leaves), gram, reached)
+
+
+class _SplitTable:
+    """A split laid out for the console's width (NOTE [one line per row] in ``report/layout.py``)."""
+
+    def __init__(self, split: Split, max_leaf_rows: int, depth: Depth) -> None:
+        self.split, self.max_leaf_rows, self.depth = split, max_leaf_rows, depth
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        split = self.split
+        k = len(split.losses)
+        if split.kind == "decomposed":
+            where = f" at {split.site}" if split.site else ""
+            title = f"Per-loss split of one backward · {split.title}{where}"
+        else:
+            title = "Per-loss split of the final .grad · one part per backward call"
+        everything = self.depth is None
+        show_leaves = everything or len(split.leaves) <= self.max_leaf_rows
+        scale = max((leaf.largest for leaf in split.leaves), default=0.0)
+        modules = split.modules()
+        hidden: list[ModuleSplit] = []
+        if not everything and len(modules) > MAX_ROWS:
+            ranked = sorted(modules, key=lambda m: -(m.total_norm or 0.0))
+            keep = {id(m) for m in ranked[:MAX_ROWS]}
+            hidden = [m for m in modules if id(m) not in keep]
+            modules = [m for m in modules if id(m) in keep]
+            modules.sort(key=lambda m: -(m.total_norm or 0.0))
+        labels: list[Text] = []
+        indents: list[int] = []
+        values: list[tuple[GramView, float]] = []
+        for module in modules:
+            lone = len(module.leaves) == 1 and module.leaves[0].leaf.name == module.name
+            labels.append(Text(module.name, style="bold"))
+            indents.append(0)
+            values.append((module, scale))
+            if show_leaves and not lone:
+                for leaf in module.leaves:
+                    name = leaf.leaf.name
+                    label = name[len(module.name) + 1 :] if name.startswith(module.name + ".") else name
+                    labels.append(Text("  " + label, style="dim"))
+                    indents.append(2)
+                    values.append((leaf, scale))
+        if hidden:
+            labels.append(Text(f"… {len(hidden)} more modules", style="dim"))
+            indents.append(0)
+            values.append((_together("more", [leaf for m in hidden for leaf in m.leaves], k), scale))
+        labels.append(Text("(all)", style="bold"))
+        indents.append(0)
+        values.append((split.model(), 0.0))
+        weights = split.weights or ()
+        columns = [Column("module / leaf", labels, justify="left", shrink=12, indents=indents)]
+        for i, name in enumerate(split.losses):
+            header = Text(name, style="bold")
+            if i < len(weights):
+                header.append(f"\n× {weights[i]}", style="dim")
+            elif name == "(rest)" or name == split.derived:
+                header.append("\nderived", style="dim")
+            cells = [_part(view, i, sc) for view, sc in values]
+            columns.append(Column(header, cells, drop=20 + k - i if i else 0, dropped=f"loss {name}"))
+        cos = [_cos(view, k, split.losses, scale) for view, _ in values]
+        columns.append(Column("cos" if k == 2 else "lowest cos", cos, drop=10, dropped="cos"))
+        columns.append(Column("Σ", [check_cell(getattr(view, "check", None)) for view, _ in values], justify="center"))
+        table, dropped = fitted_table(columns, options.max_width, ends={len(values) - 2})
+        notes = [f"computed: {split.strategy}"] + ([split.cost] if split.cost else []) + list(split.notes)
+        if split.kind == "decomposed":
+            notes.append(split.check_text)
+        if dropped:
+            notes.append("left out at this width: " + ", ".join(dropped) + "; Trace.splits() has everything")
+        if hidden:
+            notes.append(f"{len(hidden)} smaller modules in one row; t.report(depth=None) shows them all")
+        elif not show_leaves:
+            notes.append(f"{len(split.leaves)} leaves grouped by module; t.report(depth=None) shows every leaf")
+        legend = (
+            "‖part‖ share% (projection on the sum; the shares add up to 100%)   · not reached   "
+            f"zero = reached, exactly 0   cos ≤ {CONFLICT_COSINE} (red): the losses pull against each other   "
+            "≈0: within the part's round-off bound (size and dtype of the leaf), no size or direction to read"
+            + (
+                "   Σ: the parts add up to what the backward added (rtol 1e-5; blank where a part is derived: not checked)"
+                if split.kind == "decomposed"
+                else ""
+            )
         )
-    )
-    table.caption = "\n".join(captions)
-    table.caption_justify = "left"
-    return table
+        yield Text(title, style="bold")
+        yield table
+        for note in notes:
+            yield Text(note, style="dim")
+        yield Text(legend, style="dim")
 
 
 class DecompositionSection:
@@ -142,6 +188,7 @@ class DecompositionSection:
                 )
             )
             decomposed = decomposed[-_MAX_SPLITS:]
-        out += [split_table(s) for s in decomposed]
-        out += [split_table(s) for s in splits if s.kind != "decomposed"]
+        depth = getattr(trace, "_report_depth", "auto")
+        out += [split_table(s, depth=depth) for s in decomposed]
+        out += [split_table(s, depth=depth) for s in splits if s.kind != "decomposed"]
         return out

@@ -15,12 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rich import box
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
 from gradprobe.findings import Finding
+from gradprobe.report.layout import Column, fitted_table
 from gradprobe._format import check_cell, number
 
 if TYPE_CHECKING:
@@ -122,7 +121,7 @@ class MergedTrace:
                         kind="ddp_grad_desync",
                         severity="info",
                         message=(
-                            f"the ranks hold different .grad for {len(desync)} leaf{'s' * (len(desync) != 1)}, as "
+                            f"the ranks hold different .grad for {len(desync)} lea{'ves' if len(desync) != 1 else 'f'}, as "
                             "expected after GP721: that backward never finished DDP's all-reduce, so .grad holds "
                             "each rank's local gradient"
                         ),
@@ -141,7 +140,7 @@ class MergedTrace:
                         kind="ddp_grad_desync",
                         severity="error",
                         message=(
-                            f"the ranks hold different .grad for {len(desync)} leaf{'s' * (len(desync) != 1)} "
+                            f"the ranks hold different .grad for {len(desync)} lea{'ves' if len(desync) != 1 else 'f'} "
                             f"({names}); after DDP's all-reduce every rank holds the same average, so some rank "
                             "skipped the synchronisation (no_sync on one rank only) or changed .grad after it"
                         ),
@@ -172,16 +171,11 @@ class MergedTrace:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         title = f"gradprobe · merged over {self.world} ranks · ‖part‖ per rank (local, before the all-reduce)"
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-        table.add_column("leaf", style="bold", no_wrap=True)
         shown = list(range(min(len(self.records), 6)))
+        columns = [Column("leaf", [Text(leaf.name, style="bold") for leaf in self.leaves], justify="left", shrink=12)]
         for i in shown:
-            table.add_column(f"{self.records[i]}\nmin–max spread", justify="right")
-        table.add_column("‖.grad‖\nper rank", justify="right")
-        table.add_column("Σ local", justify="center")
-        for leaf in self.leaves:
-            cells: list[Any] = [leaf.name]
-            for i in shown:
+            cells = []
+            for leaf in self.leaves:
                 norms = leaf.parts.get(i)
                 if norms is None:
                     cells.append(Text("·", style="dim"))
@@ -194,21 +188,31 @@ class MergedTrace:
                 else:
                     text.append(f" {spread:.0%}", style="yellow" if spread > 0.5 else "dim")
                 cells.append(text)
-            grads = {n for n in leaf.grad_norms}
+            header = f"{self.records[i]}\nmin–max spread"
+            columns.append(Column(header, cells, drop=20 + len(shown) - i if i else 0, dropped=f"#{i} {self.records[i]}"))
+        grads = []
+        for leaf in self.leaves:
             if leaf.in_sync:
-                cells.append(Text(f"{number(next(iter(grads)))} ✓"))
+                grads.append(Text(f"{number(next(iter(set(leaf.grad_norms))))} ✓"))
             else:
-                cells.append(Text(" / ".join(number(n) for n in leaf.grad_norms) + " ✗", style="bold red"))
-            checks = [c for c in leaf.checks if c is not None]
-            cells.append(check_cell(all(checks) if checks else None))
-            table.add_row(*cells)
-        table.caption = (
+                grads.append(Text(" / ".join(number(n) for n in leaf.grad_norms) + " ✗", style="bold red"))
+        columns.append(Column("‖.grad‖\nper rank", grads))
+        checks = []
+        for leaf in self.leaves:
+            known = [c for c in leaf.checks if c is not None]
+            checks.append(check_cell(all(known) if known else None))
+        columns.append(Column("Σ local", checks, justify="center"))
+        table, dropped = fitted_table(columns, options.max_width)
+        yield Text(title, style="bold")
+        yield table
+        if dropped:
+            yield Text("left out at this width: " + ", ".join(dropped), style="dim")
+        yield Text(
             "spread = (max − min) / max over ranks: each rank's part comes from its own batch · "
             "✓ / ✗: the all-reduced .grad agrees / differs across ranks · Σ local: on every rank the parts add up to "
-            "the local .grad before the all-reduce"
+            "the local .grad before the all-reduce",
+            style="dim",
         )
-        table.caption_justify = "left"
-        yield table
         if self.findings:
             lines = [Text("Findings", style="bold")]
             for rank, finding in self.findings:

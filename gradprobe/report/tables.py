@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rich import box
 from rich.console import Group
 from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 
 from gradprobe._format import check_cell, nonfinite, number, share
+from gradprobe.report.layout import Column, fitted_table, table_width
+from gradprobe.report.tree import fold
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 
     from gradprobe.analysis.breakdown import LeafBreakdown, Part
+    from gradprobe.report.tree import Depth
+    from gradprobe.report.tree import Group as Folded
     from gradprobe.ledger.ledger import BackwardRecord
     from gradprobe.api.trace import Trace
     from gradprobe.findings import Finding
@@ -25,50 +27,67 @@ __all__ = ["breakdown_table", "calls_table", "findings_panel"]
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
-def calls_table(trace: Trace) -> RenderableType:
-    """One row per backward / autograd.grad call: name, site, retain_graph, kind, source line."""
-    return _CallsTable(trace)
+def calls_table(trace: Trace, raised: dict[int, str] | None = None) -> RenderableType:
+    """One row per backward / autograd.grad call: name, site, retain_graph, kind, source line.
+
+    ``raised``: record index -> the exception a call raised (marked in the table).
+    """
+    return _CallsTable(trace, raised or {})
 
 
 class _CallsTable:
-    """The calls table; the source line is cut to whatever width the other columns leave."""
+    """The calls table; columns go by priority (source, kind, retain_graph, site) when too narrow."""
 
-    def __init__(self, trace: Trace) -> None:
+    def __init__(self, trace: Trace, raised: dict[int, str]) -> None:
         self._trace = trace
+        self._raised = raised
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         records = self._trace.records
-        rows = []
-        for r in records:
-            kind = r.kind if r.kind == "backward" else "grad (no .grad)"
-            if r.create_graph:
-                kind += ", create_graph"
-            if not r.seen:
-                kind += f", thread {r.thread}"
-            retain = "yes" if r.retain_graph else "no"
-            rows.append((str(r.index), r.name, str(r.site) if r.site else "?", retain, kind))
-        headers = ("#", "backward call", "site", "retain_graph", "kind")
-        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
-        room = options.max_width - sum(widths) - 3 * len(widths) - 6
-        table = Table(
-            title=f"gradprobe · {len(records)} backward call{'s' * (len(records) != 1)} · "
-            f"{len(self._trace.leaves)} leaves · keep={self._trace.keep}",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
+        n = len(self._trace.leaves)
+        title = (
+            f"gradprobe · {len(records)} backward call{'s' * (len(records) != 1)} · "
+            f"{n} lea{'ves' if n != 1 else 'f'} · keep={self._trace.keep}"
         )
-        for i, (header, style) in enumerate(zip(headers, ("dim", "bold", "", "", ""))):
-            table.add_column(header, style=style, no_wrap=True, justify="right" if i == 0 else "left")
-        show_source = room >= 16  # too narrow to be worth a column
-        if show_source:
-            table.add_column("source", style="dim", no_wrap=True)
-        for r, row in zip(records, rows):
-            source = r.site.source if r.site else ""
-            if len(source) > room:
-                source = source[: room - 1] + "…"
-            table.add_row(*row, *([source] if show_source else []))
         if not records:
-            table.caption = "no backward call ran inside the trace"
+            yield Text(title, style="bold")
+            yield Text("no backward call ran inside the trace", style="dim")
+            return
+        index, name, site, retain, kind, source, outcome = ([] for _ in range(7))
+        for r in records:
+            k = r.kind if r.kind == "backward" else "grad (no .grad)"
+            if r.create_graph:
+                k += ", create_graph"
+            if not r.seen:
+                k += f", thread {r.thread}"
+            index.append(Text(str(r.index), style="dim"))
+            name.append(Text(r.name, style="bold"))
+            site.append(Text(str(r.site) if r.site else "?"))
+            retain.append(Text("yes" if r.retain_graph else "no"))
+            kind.append(Text(k))
+            source.append(Text(r.site.source if r.site else "", style="dim"))
+            error = self._raised.get(r.index)
+            outcome.append(Text(f"✗ raised {error}", style="bold red") if error else Text("✓", style="green"))
+        columns = [
+            Column("#", index),
+            Column("backward call", name, justify="left", shrink=16),
+            Column("site", site, justify="left", drop=2, dropped="site (see the findings)"),
+            Column("retain_graph", retain, justify="left", drop=3, dropped="retain_graph"),
+            Column("kind", kind, justify="left", drop=4, dropped="kind"),
+        ]
+        if self._raised:
+            columns.append(Column("result", outcome, justify="left"))
+        width = options.max_width
+        src = Column("source", source, justify="left", drop=5, dropped="source line")
+        room = width - table_width([c.natural() for c in columns] + [0])
+        if room >= 16:  # the source line takes what the other columns leave, cut at its end
+            src.cells = [Text(c.plain if c.cell_len <= room else c.plain[: room - 1] + "…", style="dim") for c in source]
+            columns.append(src)
+        table, notes = fitted_table(columns, width)
+        yield Text(title, style="bold")
         yield table
+        if notes:
+            yield Text("left out at this width: " + ", ".join(notes), style="dim")
 
 
 def _part_cell(part: Part | None) -> Text:
@@ -87,7 +106,7 @@ def _part_cell(part: Part | None) -> Text:
     return text
 
 
-def _carried_cell(row: LeafBreakdown) -> Text:
+def _carried_cell(row: LeafBreakdown | Folded) -> Text:
     if row.carried_in is None:
         return Text("—", style="dim")
     text = Text(number(row.carried_in.norm), style="yellow")
@@ -96,47 +115,107 @@ def _carried_cell(row: LeafBreakdown) -> Text:
     return text
 
 
-def breakdown_table(trace: Trace, rows: list[LeafBreakdown] | None = None, max_columns: int = 8) -> RenderableType:
-    """Per leaf and per backward call: ‖part‖ and its share of the final .grad; carried in; check."""
-    rows = trace.breakdown() if rows is None else rows
-    records: tuple[BackwardRecord, ...] = trace.records
-    shown = records[:max_columns]
-    table = Table(
-        title="Gradient breakdown · ‖part‖ and share of the final .grad",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-    )
-    table.add_column("leaf", style="bold", no_wrap=True, overflow="ellipsis", min_width=12)
-    table.add_column("shape", style="dim")
-    for r in shown:
-        header = Text(r.name, style="bold")
-        sub = str(r.site) if r.site else "?"
-        if r.kind == "grad":
-            sub += " grad"
-        elif r.retain_graph:
-            sub += " retain"
-        header.append("\n" + sub, style="dim")
-        table.add_column(header, justify="right")
-    table.add_column("carried in", justify="right")
-    table.add_column("‖.grad‖", justify="right")
-    table.add_column("Σ", justify="center")
-    notes: dict[str, int] = {}
+def breakdown_table(
+    trace: Trace, rows: list[LeafBreakdown] | None = None, max_columns: int = 8, depth: Depth = "auto"
+) -> RenderableType:
+    """Per leaf and per backward call: ‖part‖ and its share of the final .grad; carried in; check.
+
+    Big models are folded into a module tree (``depth``; see :func:`gradprobe.report.tree.fold`).
+    """
+    return _BreakdownTable(trace, rows, max_columns, depth)
+
+
+def single_record(rows: list[LeafBreakdown]) -> int | None:
+    """The record every leaf's .grad came from whole (one part each, nothing carried in), if any."""
+    records = set()
     for row in rows:
-        cells: list[RenderableType] = [row.leaf.name, "×".join(map(str, row.leaf.shape)) or "scalar"]
-        cells += [_part_cell(row.part(r.index)) for r in shown]
-        grad = Text(number(row.grad_norm), style="bold red" if row.grad_finite is False else "")
-        cells += [_carried_cell(row), grad, check_cell(row.check)]
-        table.add_row(*cells)
-        if row.note:
-            notes[row.note] = notes.get(row.note, 0) + 1
-    captions = []
-    if len(records) > len(shown):
-        captions.append(f"showing {len(shown)} of {len(records)} backward calls; t.breakdown() has all")
-    captions += [f"{count} leaf{'s' * (count != 1)}: {note}" for note, count in notes.items()]
-    captions.append("· not reached   zero = reached, exactly 0   ↺ cosine < -0.3 with what .grad held   Σ parts add up to .grad")
-    table.caption = "\n".join(captions)
-    table.caption_justify = "left"
-    return table
+        if len(row.parts) != 1 or not row.parts[0].in_grad or row.carried_in is not None:
+            return None
+        records.add(row.parts[0].record)
+    return records.pop() if len(records) == 1 else None
+
+
+class _BreakdownTable:
+    """The breakdown, laid out for the console's width (NOTE [one line per row] in ``layout``)."""
+
+    def __init__(self, trace: Trace, rows: list[LeafBreakdown] | None, max_columns: int, depth: Depth) -> None:
+        self._trace = trace
+        self._rows = trace.breakdown() if rows is None else rows
+        self._max_columns = max_columns
+        self._depth = depth
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        rows = self._rows
+        records: tuple[BackwardRecord, ...] = self._trace.records
+        title = Text("Gradient breakdown · ‖part‖ and share of the final .grad", style="bold")
+        shown_rows, fold_note = fold(rows, self._depth)
+        single = single_record(rows)
+        legend: list[str] = []
+        labels: list[Text] = []
+        indents: list[int] = []
+        shapes: list[Text] = []
+        for s in shown_rows:
+            leaf = getattr(s.row, "leaf", None)  # a leaf's row, or a module's sum (tree.Group)
+            style = "dim" if s.more else ("" if leaf is not None and s.indent else "bold")
+            labels.append(Text(" " * s.indent + s.label, style=style))
+            indents.append(s.indent)
+            if leaf is not None:
+                shapes.append(Text("×".join(map(str, leaf.shape)) or "scalar", style="dim"))
+            else:
+                shapes.append(Text(f"{s.row.count} tensors", style="dim"))  # type: ignore[union-attr]
+        columns = [
+            Column("leaf" if not fold_note else "module / leaf", labels, justify="left", shrink=12, indents=indents),
+            Column("shape", shapes, justify="left", drop=99, dropped="shape"),
+        ]
+        notes: list[str] = []
+        struck = False
+        if single is not None:
+            r = records[single] if single < len(records) else None
+            notes.append(f"every .grad is exactly what backward #{single}{f' ({r.name})' if r else ''} added")
+        else:
+            shown = records[: self._max_columns]
+            if len(records) > len(shown):
+                notes.append(f"showing {len(shown)} of {len(records)} backward calls; t.breakdown() has all")
+            for i, r in enumerate(shown):
+                header = Text(r.name, style="bold")
+                sub = f"#{r.index}" + (" grad" if r.kind == "grad" else (" retain" if r.retain_graph else ""))
+                header.append("\n" + sub, style="dim")
+                cells = [_part_cell(s.row.part(r.index)) for s in shown_rows]
+                struck = struck or any("strike" in str(c.style) for c in cells)
+                columns.append(Column(header, cells, drop=20 + len(shown) - i if i else 0, dropped=f"#{r.index}"))
+        if any(s.row.carried_in is not None for s in shown_rows):
+            columns.append(Column("carried in", [_carried_cell(s.row) for s in shown_rows]))
+            legend.append("carried in: what .grad held before the first part")
+        grads = [Text(number(s.row.grad_norm), style="bold red" if s.row.grad_finite is False else "") for s in shown_rows]
+        columns.append(Column("‖.grad‖", grads))
+        columns.append(Column("Σ", [check_cell(s.row.check) for s in shown_rows], justify="center"))
+        table, dropped = fitted_table(columns, options.max_width)
+        calls = [d for d in dropped if d.startswith("#")]
+        if calls:
+            notes.append(f"backward calls {', '.join(calls)} left out at this width; t.breakdown() has them")
+        notes += [d for d in dropped if not d.startswith("#")]
+        if fold_note:
+            notes.append(fold_note)
+        counts: dict[str, int] = {}
+        for row in rows:
+            if row.note:
+                counts[row.note] = counts.get(row.note, 0) + 1
+        notes += [f"{count} lea{'ves' if count != 1 else 'f'}: {note}" for note, count in counts.items()]
+        shown_cells = {c.plain for col in columns[2:] for c in col.cells}
+        if "·" in shown_cells:
+            legend.append("· not reached")
+        if any(c.startswith("zero") for c in shown_cells):
+            legend.append("zero = reached, exactly 0")
+        if any("↺" in c for c in shown_cells):
+            legend.append("↺ cosine < -0.3 with what .grad held")
+        if struck:
+            legend.append("struck through: a part no longer in .grad (reset later, or an autograd.grad call)")
+        legend.append("Σ ✓: the parts add up to .grad")
+        yield title
+        yield table
+        for note in notes:
+            yield Text(note, style="dim")
+        yield Text("   ".join(legend), style="dim")
 
 
 def findings_panel(findings: list[Finding]) -> RenderableType:

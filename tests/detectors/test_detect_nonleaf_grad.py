@@ -17,7 +17,7 @@ def _read(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def test_read_of_nonleaf_grad_is_flagged_with_fix() -> None:
-    """`b.grad` on a non-leaf: flagged at the read, naming the op and the leaf to read instead."""
+    """`b.grad` on a non-leaf: flagged at the read, naming the op; the leaf's .grad only for a cast or view."""
     a = torch.rand(1, 4, requires_grad=True)
     with gradprobe.trace(a, on_finding="record") as t:
         b = a**2
@@ -26,7 +26,13 @@ def test_read_of_nonleaf_grad_is_flagged_with_fix() -> None:
     assert got is None
     (finding,) = problems(t)
     assert finding.code == "GP201" and "PowBackward0" in finding.message
-    assert ".retain_grad()" in finding.fix and "`a.grad`" in finding.fix
+    assert ".retain_grad()" in finding.fix and "a.grad" not in finding.fix  # a.grad is 2a times b's gradient
+    with gradprobe.trace(a, on_finding="record") as t:
+        b = a.double()
+        b.sum().backward()
+        _read(b)
+    (finding,) = [f for f in problems(t) if f.code == "GP201"]
+    assert "`a.grad`" in finding.fix, [f.format() for f in problems(t)]  # a cast: the same numbers
 
 
 def test_read_flagged_at_the_read_line() -> None:
