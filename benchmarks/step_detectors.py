@@ -57,7 +57,7 @@ def per_model(name: str) -> str:
         loss = loss_fn(model)
         loss.backward(retain_graph=True)
         call, steps = grab.call, steps_of(t)
-        unreached, retained = t._plugins.pm.get_plugin("unreached"), t._plugins.pm.get_plugin("retained_graph")
+        unreached, retained = t._plugins.get_plugin("unreached"), t._plugins.get_plugin("retained_graph")
 
         def step_hooks() -> None:
             steps._pre(opt, (), {})
@@ -78,7 +78,7 @@ def frozen_update() -> str:
     model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(500)])  # 1,000 parameter tensors
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradprobe.trace(model, detect=["frozen_update"], on_finding="record") as t:
-        plugin = t._plugins.pm.get_plugin("frozen_update")
+        plugin = t._plugins.get_plugin("frozen_update")
         event = StepEvent(opt, 0)
 
         def hooks() -> None:

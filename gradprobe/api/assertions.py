@@ -186,7 +186,7 @@ class TraceAssertions:
         """``loss`` as a component of the last decomposed backward that has it: (share, record, all shares)."""
         if not isinstance(loss, str) or any(r.name == loss for r in self.records):
             return None
-        if self._plugins.pm.get_plugin("decompose") is None:
+        if self._plugins.get_plugin("decompose") is None:
             return None
         splits = [s for s in self.splits() if s.kind == "decomposed" and loss in s.losses]
         if not splits:

@@ -87,7 +87,7 @@ class TraceViews:
         from gradprobe import __version__
 
         splits: list[dict[str, Any]] = []
-        if self._plugins.pm.get_plugin("decompose") is not None:
+        if self._plugins.get_plugin("decompose") is not None:
             splits = [split.to_dict() for split in self.splits()]
         return _json_safe(
             {

@@ -265,7 +265,7 @@ def _check(item: pytest.Item, entries: list[_Entry], fail: bool) -> None:
 
 def _raised_sites(trace: Trace) -> set[Any]:
     """Lines of backward calls that raised inside the trace: a test that passed caught their error."""
-    calls = trace._plugins.pm.get_plugin("report.calls")
+    calls = trace._plugins.get_plugin("report.calls")
     raised = getattr(calls, "raised", {})
     return {trace.records[i].site for i in raised if i < len(trace.records)}
 

@@ -63,8 +63,8 @@ class BreakdownSection:
 
 def _decomposed(trace: Trace, record: int) -> bool:
     """Whether the report's decomposition section shows a split of backward ``record``."""
-    pm = trace._plugins.pm
-    if pm.get_plugin("decompose") is None or pm.get_plugin("report.decomposition") is None:
+    host = trace._plugins
+    if host.get_plugin("decompose") is None or host.get_plugin("report.decomposition") is None:
         return False
     return any(s.kind == "decomposed" and s.record == record for s in trace.splits())
 
