@@ -89,32 +89,54 @@ def run(folder: Path, extra: list[str]) -> tuple[float, float]:
     return cpu, rss
 
 
+def measure(tests: int = 300, steps: int = 40, repeats: int = 2, echo: bool = False) -> dict[str, float]:
+    """CPU seconds and peak RSS of the generated suite with and without ``--gradprobe``, and their ratios."""
+    per_model = max(1, tests // 3)
+    root = Path(__file__).resolve().parent.parent
+    env_path = os.environ.get("PYTHONPATH")
+    strict = os.environ.pop("GRADPROBE_STRICT_INTERNAL", None)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), env_path or ""]).rstrip(os.pathsep)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / "test_generated.py").write_text(textwrap.dedent(SUITE).format(per_model=per_model, steps=steps))
+            if echo:
+                print(f"suite: {3 * per_model} tests, {steps} backward calls each ({3 * per_model * steps} in all)")
+            results: dict[str, list[tuple[float, float]]] = {"plain": [], "--gradprobe": []}
+            for _ in range(repeats):
+                for name in results:  # interleaved: plain, traced, plain, traced, ...
+                    results[name].append(run(folder, [] if name == "plain" else [name]))
+    finally:
+        if env_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = env_path
+        if strict is not None:
+            os.environ["GRADPROBE_STRICT_INTERNAL"] = strict
+    cpu = {k: statistics.median(c for c, _ in v) for k, v in results.items()}
+    rss = {k: statistics.median(r for _, r in v) for k, v in results.items()}
+    if echo:
+        for name in results:
+            print(f"{name:12} CPU {cpu[name]:7.2f} s   peak RSS {rss[name]:7.1f} MiB   (median of {repeats})")
+    out = {
+        "tests": float(3 * per_model), "backward_calls": float(3 * per_model * steps),
+        "cpu_plain_s": cpu["plain"], "cpu_traced_s": cpu["--gradprobe"],
+        "rss_plain_mib": rss["plain"], "rss_traced_mib": rss["--gradprobe"],
+        "cpu_ratio": cpu["--gradprobe"] / cpu["plain"], "rss_ratio": rss["--gradprobe"] / rss["plain"],
+    }
+    if echo:
+        print(f"CPU time ratio  {out['cpu_ratio']:.2f}x  (target <= 1.3x: {'met' if out['cpu_ratio'] <= 1.3 else 'MISSED'})")
+        print(f"peak RSS ratio  {out['rss_ratio']:.2f}x  (target <= 1.1x: {'met' if out['rss_ratio'] <= 1.1 else 'MISSED'})")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", type=int, default=300)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    per_model = max(1, args.tests // 3)
-    root = Path(__file__).resolve().parent.parent
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    os.environ.pop("GRADPROBE_STRICT_INTERNAL", None)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / "test_generated.py").write_text(textwrap.dedent(SUITE).format(per_model=per_model, steps=args.steps))
-        print(f"suite: {3 * per_model} tests, {args.steps} backward calls each ({3 * per_model * args.steps} in all)")
-        results: dict[str, list[tuple[float, float]]] = {"plain": [], "--gradprobe": []}
-        for _ in range(args.repeats):
-            for name in results:  # interleaved: plain, traced, plain, traced, ...
-                results[name].append(run(folder, [] if name == "plain" else [name]))
-    cpu = {k: statistics.median(c for c, _ in v) for k, v in results.items()}
-    rss = {k: statistics.median(r for _, r in v) for k, v in results.items()}
-    for name in results:
-        print(f"{name:12} CPU {cpu[name]:7.2f} s   peak RSS {rss[name]:7.1f} MiB   (median of {args.repeats})")
-    cpu_ratio = cpu["--gradprobe"] / cpu["plain"]
-    rss_ratio = rss["--gradprobe"] / rss["plain"]
-    print(f"CPU time ratio  {cpu_ratio:.2f}x  (target <= 1.3x: {'met' if cpu_ratio <= 1.3 else 'MISSED'})")
-    print(f"peak RSS ratio  {rss_ratio:.2f}x  (target <= 1.1x: {'met' if rss_ratio <= 1.1 else 'MISSED'})")
+    measure(args.tests, args.steps, args.repeats, echo=True)
 
 
 if __name__ == "__main__":

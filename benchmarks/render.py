@@ -57,20 +57,16 @@ def build(blocks: int, layers: int, calls: int, decompose: bool) -> gradprobe.Tr
     return t
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", type=int, default=50)
-    parser.add_argument("--layers", type=int, default=50)
-    parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decompose", action="store_true", help="trace(decompose=True) (adds the per-backward split)")
-    parser.add_argument("--depth", default="auto", help="report depth: auto, none, or a level")
-    args = parser.parse_args()
-    depth: int | str | None = None if args.depth == "none" else (args.depth if args.depth == "auto" else int(args.depth))
+def measure(
+    blocks: int = 50, layers: int = 50, calls: int = 3, repeats: int = 3, decompose: bool = False,
+    depth: int | str | None = "auto", echo: bool = False,
+) -> dict[str, float]:
+    """Seconds to render the report of a ``blocks`` x ``layers`` x 2-tensor trace (5,000 leaves by default):
+    the first render (reads statistics back, builds the breakdown), later renders to a Console and to a string."""
     torch.set_num_threads(1)
-
-    t = build(args.blocks, args.layers, args.calls, args.decompose)
-    print(f"trace: {len(t.leaves)} leaves, {len(t.records)} backward calls, depth={depth!r}")
+    t = build(blocks, layers, calls, decompose)
+    if echo:
+        print(f"trace: {len(t.leaves)} leaves, {len(t.records)} backward calls, depth={depth!r}")
 
     def to_console() -> int:
         console = Console(file=io.StringIO(), width=120)
@@ -87,15 +83,32 @@ def main() -> None:
     start = time.perf_counter()
     lines = to_console()
     first = time.perf_counter() - start
-    print(f"first t.report() (reads statistics back, builds the breakdown): {first:.3f} s  ({first / TARGET_S:.2f}x the 1 s target), {lines} lines")
-    for name, fn in (("t.report() to Console(width=120)", to_console), ("report to a string (export_text)", to_string)):
+    out = {"leaves": float(len(t.leaves)), "first_s": first, "lines": float(lines)}
+    if echo:
+        print(f"first t.report() (reads statistics back, builds the breakdown): {first:.3f} s  ({first / TARGET_S:.2f}x the 1 s target), {lines} lines")
+    for key, name, fn in (("console_s", "t.report() to Console(width=120)", to_console), ("string_s", "report to a string (export_text)", to_string)):
         times = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             start = time.perf_counter()
             lines = fn()
             times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        print(f"{name:36} {median:.3f} s median of {args.repeats}  ({median / TARGET_S:.2f}x the 1 s target), {lines} lines")
+        out[key] = statistics.median(times)
+        if echo:
+            print(f"{name:36} {out[key]:.3f} s median of {repeats}  ({out[key] / TARGET_S:.2f}x the 1 s target), {lines} lines")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=50)
+    parser.add_argument("--layers", type=int, default=50)
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decompose", action="store_true", help="trace(decompose=True) (adds the per-backward split)")
+    parser.add_argument("--depth", default="auto", help="report depth: auto, none, or a level")
+    args = parser.parse_args()
+    depth: int | str | None = None if args.depth == "none" else (args.depth if args.depth == "auto" else int(args.depth))
+    measure(args.blocks, args.layers, args.calls, args.repeats, args.decompose, depth, echo=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ TARGETS = {
     "per_leaf_us": 10.0,
     "peak_memory": 1.05,
     "fixed_ms": 0.3,
+    "render_s": 1.0,
+    "pytest_cpu": 1.3,
+    "pytest_rss": 1.1,
 }
 
 
@@ -241,7 +244,8 @@ def _exponent(rows: list[dict[str, float]], key: str) -> float | None:
     return math.log(last["overhead_ms"] / first["overhead_ms"]) / math.log(last[key] / first[key])
 
 
-def targets(models: dict[str, Any], scale: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(models: dict[str, Any], scale: dict[str, Any], extras: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    extras = extras or {}
     def ratio(model: str, variant: str) -> float | None:
         entry = models.get(model, {}).get("variants", {}).get(variant)
         return None if entry is None else entry["ratio"]
@@ -273,6 +277,12 @@ def targets(models: dict[str, Any], scale: dict[str, Any]) -> list[dict[str, Any
     fixed = scale.get("fixed")
     if fixed:
         add("ms a trace adds around a tiny step (open, close, end checks)", fixed["fixed_ms"], TARGETS["fixed_ms"])
+    if extras.get("render"):
+        add("s to render the report of a 5,000-tensor trace (first render)", extras["render"]["first_s"], TARGETS["render_s"])
+    suite = extras.get("pytest_suite")
+    if suite:
+        add(f"CPU time, pytest --gradprobe / plain ({int(suite['tests'])} small tests)", suite["cpu_ratio"], TARGETS["pytest_cpu"])
+        add("peak RSS, pytest --gradprobe / plain", suite["rss_ratio"], TARGETS["pytest_rss"])
     per_leaf = next((r for r in scale.get("tensors", []) if r["tensors"] == 1000), None)
     add(
         "µs per tensor, whole 1-backward step incl. trace setup/exit (1,000 tensors)",
@@ -411,6 +421,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own; 1 with --clock cpu)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the growth runs")
+    parser.add_argument(
+        "--extras", action=argparse.BooleanOptionalAction, default=None,
+        help="also time the 5,000-tensor report render and a generated suite under pytest --gradprobe "
+        "(on by default with --full; several minutes)",
+    )
     args = parser.parse_args(argv)
     label = "full" if args.full else "quick"
     use_clock(args.clock)
@@ -434,7 +449,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mode_us_per_op": mode_cost_per_op(),
         "seconds": 0.0,
     }
-    result["targets"] = targets(models, scale)
+    extras: dict[str, Any] = {}
+    if args.extras if args.extras is not None else args.full:
+        import pytest_suite
+        import render as render_bench
+
+        extras["render"] = render_bench.measure()
+        print(f"  report render: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        extras["pytest_suite"] = pytest_suite.measure()
+        print(f"  pytest suite: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    result["extras"] = extras
+    result["targets"] = targets(models, scale, extras)
     result["seconds"] = time.perf_counter() - started
     render(result)
     path = args.json or RESULTS / f"{label}.json"
