@@ -374,11 +374,15 @@ class PluginHost:
         impls = self._impls.get(hook_name)
         if not impls:
             return results
+        every = len(kwargs)
         for impl in tuple(impls):  # a plugin switched off mid-call leaves the list
             if impl.plugin_name not in self._plugins:
                 continue
             try:
-                result = impl.function(**{name: kwargs[name] for name in impl.argnames})
+                if len(impl.argnames) == every:  # takes every argument of the hook (its names are the spec's)
+                    result = impl.function(**kwargs)
+                else:
+                    result = impl.function(**{name: kwargs[name] for name in impl.argnames})
             except GradProbeError:
                 raise
             except Exception as exc:  # a buggy plugin must not break the training step
