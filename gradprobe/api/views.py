@@ -8,9 +8,10 @@ the trace's plugin host, so the capture core never imports them.
 
 from __future__ import annotations
 
-import gc
 import math
 from typing import TYPE_CHECKING, Any
+
+from gradprobe.capture.lifecycle import gc_paused
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -138,9 +139,7 @@ class TraceViews:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         from rich.console import NewLine
 
-        collecting = gc.isenabled()
-        gc.disable()  # a big model's report makes many small objects: no full collections meanwhile
-        try:
+        with gc_paused():  # a big model's report makes many small objects: no full collections meanwhile
             first = True
             for sections in self._plugins.call("gradprobe_report_sections", trace=self):
                 for section in sections:
@@ -148,9 +147,6 @@ class TraceViews:
                         yield NewLine()  # a blank line between sections
                     first = False
                     yield section
-        finally:
-            if collecting:
-                gc.enable()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Jupyter displays a trace as its rich report."""

@@ -253,13 +253,15 @@ class PluginHost:
             if plugin == BUILTIN_PLUGINS.get(name):
                 self.builtin.add(name)
         key = tuple((name, plugin) for name, plugin, _ in candidates)
-        recipe = _RECIPES.get(key) if all(_cacheable(p) for _, p, _ in candidates) else None
+        cacheable = all(_cacheable(p) for _, p, _ in candidates)
+        recipe = _RECIPES.get(key) if cacheable else None
         if recipe is not None:
-            self._build(candidates, recipe)
-            return
-        recipe, complete = self._register_with_pluggy(candidates)
-        if complete and all(_cacheable(p) for _, p, _ in candidates):  # a set that failed is tried afresh
-            _RECIPES[key] = recipe
+            instances = [self._instantiate(name, plugin) for name, plugin, _ in candidates]
+        else:
+            instances, recipe, complete = self._register_with_pluggy(candidates)
+            if complete and cacheable:  # a set that failed is tried afresh
+                _RECIPES[key] = recipe
+        self._build(candidates, instances, recipe)
 
     def _instantiate(self, name: str, plugin: Any) -> Any:
         """The plugin object for this trace (a class is instantiated: its state is this trace's
@@ -274,9 +276,8 @@ class PluginHost:
             return None
         return plugin
 
-    def _build(self, candidates: list[tuple[str, Any, bool]], recipe: _Recipe) -> None:
-        """The fast path: instances and a dispatch table from a cached recipe, no pluggy."""
-        instances = [self._instantiate(name, plugin) for name, plugin, _ in candidates]
+    def _build(self, candidates: list[tuple[str, Any, bool]], instances: list[Any], recipe: _Recipe) -> None:
+        """The dispatch table: the recipe's attributes looked up on this trace's instances (None: failed)."""
         for (name, _, _), instance in zip(candidates, instances):
             if instance is not None:
                 self._plugins[name] = instance
@@ -289,37 +290,34 @@ class PluginHost:
             if impls:
                 self._impls[hook_name] = impls
 
-    def _register_with_pluggy(self, candidates: list[tuple[str, Any, bool]]) -> tuple[_Recipe, bool]:
-        """Register and validate the plugins with pluggy; build the dispatch table and its recipe.
+    def _register_with_pluggy(self, candidates: list[tuple[str, Any, bool]]) -> tuple[list[Any], _Recipe, bool]:
+        """Register and validate the plugins with pluggy and read its call order off as a recipe.
 
-        Returns the recipe and whether every plugin was registered (only then is it worth caching).
+        Returns the instances (None where a plugin failed), the recipe, and whether every plugin was
+        registered (only then is the recipe worth caching).
         """
         complete = True
         pm = _Manager("gradprobe")
         pm.add_hookspecs(hookspecs)
-        instances: dict[str, Any] = {}
+        position = {name: i for i, (name, _, _) in enumerate(candidates)}
+        instances: list[Any] = [None] * len(candidates)
         attributes: dict[tuple[str, str], str] = {}  # (plugin name, hook name) -> attribute name
         # pluggy calls the last registered first: register in reverse so hooks run in candidate order.
         for name, plugin, installed in reversed(candidates):
             instance = self._instantiate(name, plugin)
             if instance is not None and self._validate_and_register(pm, name, instance, installed, attributes):
-                instances[name] = instance
+                instances[position[name]] = instance
             else:
                 complete = False
-        position = {name: i for i, (name, _, _) in enumerate(candidates)}
-        self._plugins = {name: instances[name] for name, _, _ in candidates if name in instances}
         recipe: _Recipe = {}
         for hook_name in _hook_list():
-            entries = []
-            for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
-                attr = attributes[(impl.plugin_name, hook_name)]
-                entries.append((position[impl.plugin_name], attr, tuple(impl.argnames)))
-                self._impls.setdefault(hook_name, []).append(
-                    _Impl(impl.plugin_name, impl.function, tuple(impl.argnames))
-                )
+            entries = [
+                (position[impl.plugin_name], attributes[(impl.plugin_name, hook_name)], tuple(impl.argnames))
+                for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls())
+            ]
             if entries:
                 recipe[hook_name] = entries
-        return recipe, complete
+        return instances, recipe, complete
 
     def _validate_and_register(
         self, pm: pluggy.PluginManager, name: str, plugin: Any, installed: bool, attributes: dict[tuple[str, str], str]
