@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from gradprobe.analysis.breakdown import CarriedIn, LeafBreakdown, Part
     from gradprobe.capture.calls import BackwardCall
     from gradprobe.ledger.records import BackwardRecord, Leaf
-    from gradprobe.capture.host import refresh_plugins
+    from gradprobe.capture.plugin_catalog import refresh_plugins
     from gradprobe.findings import Site
     from gradprobe.analysis.split import LeafSplit, ModuleSplit, Split
     from gradprobe.api.trace import Trace, trace
@@ -46,7 +46,7 @@ _EXPORTS = {
     "TraceStateError": "gradprobe.exceptions",
     "TraceTargetError": "gradprobe.exceptions",
     "hookimpl": "gradprobe.hookspecs",
-    "refresh_plugins": "gradprobe.capture.host",
+    "refresh_plugins": "gradprobe.capture.plugin_catalog",
     "trace": "gradprobe.api.trace",
 }
 

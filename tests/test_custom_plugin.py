@@ -15,7 +15,7 @@ from rich.console import Console
 from torch import nn
 
 import gradprobe
-from gradprobe.capture import host as _plugins
+from gradprobe.capture import plugin_catalog as _catalog
 
 PACKAGE = Path(__file__).parent.parent / "examples" / "custom_plugin"
 
@@ -75,6 +75,6 @@ def test_installed_plugin_can_be_disabled(installed: None) -> None:
 
 def test_not_installed_plugin_is_not_seen(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the install the entry point is absent (the test above is not vacuous)."""
-    monkeypatch.setattr(_plugins, "_entry_point_cache", None)
+    monkeypatch.setattr(_catalog, "_entry_point_cache", None)
     assert "normbudget" not in gradprobe.refresh_plugins()
     assert "normbudget" not in run_two_heads().plugin_names

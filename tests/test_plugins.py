@@ -12,6 +12,7 @@ from rich.console import Console
 
 import gradprobe
 from gradprobe.capture import host as _plugins
+from gradprobe.capture import plugin_catalog as _catalog
 from gradprobe.findings import Finding
 
 HOOKS = [
@@ -61,7 +62,7 @@ def step(model: MLP, x: torch.Tensor, read_nonleaf: bool = False) -> None:
 @pytest.fixture(autouse=True)
 def no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests here see only the built-in and explicit plugins, whatever happens to be installed."""
-    monkeypatch.setattr(_plugins, "_entry_point_cache", [])
+    monkeypatch.setattr(_catalog, "_entry_point_cache", [])
 
 
 def test_builtins_are_registered_through_the_manager() -> None:
@@ -76,7 +77,7 @@ def test_builtins_are_registered_through_the_manager() -> None:
 def test_hooks_run_builtins_then_installed_then_explicit_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """Call order: built-ins, installed plugins, then trace(plugins=[...]) in the order given."""
     log: list[tuple[str, str]] = []
-    monkeypatch.setattr(_plugins, "_entry_point_cache", [("installed", Recorder("installed", log), None)])
+    monkeypatch.setattr(_catalog, "_entry_point_cache", [("installed", Recorder("installed", log), None)])
     model = MLP()
     with gradprobe.trace(model, plugins=[Recorder("first", log), Recorder("second", log)]):
         model(torch.randn(3, 8)).sum().backward()
@@ -276,7 +277,7 @@ def test_installed_plugin_that_fails_to_load_is_a_finding(monkeypatch: pytest.Mo
         def load(self) -> Any:
             raise ImportError("No module named 'nowhere'")
 
-    monkeypatch.setattr(_plugins.importlib.metadata, "entry_points", lambda group: [Fake()])
+    monkeypatch.setattr(_catalog.importlib.metadata, "entry_points", lambda group: [Fake()])
     assert gradprobe.refresh_plugins() == ["broken"]
     with gradprobe.trace(MLP(), on_finding="record") as t:
         pass
@@ -295,8 +296,8 @@ def test_entry_points_are_read_once_until_refreshed(monkeypatch: pytest.MonkeyPa
         calls.append(group)
         return []
 
-    monkeypatch.setattr(_plugins.importlib.metadata, "entry_points", entry_points)
-    monkeypatch.setattr(_plugins, "_entry_point_cache", None)
+    monkeypatch.setattr(_catalog.importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(_catalog, "_entry_point_cache", None)
     for _ in range(3):
         gradprobe.trace(MLP())
     assert calls == ["gradprobe"]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import gradprobe
-from gradprobe.capture import host as _plugins
+from gradprobe.capture import plugin_catalog as _catalog
 from gradprobe.findings import Finding
 
 pytest_plugins = ["pytester"]
@@ -59,12 +59,12 @@ class Planted:
 @pytest.fixture
 def installed_planted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend a plugin that finds an error at every backward is installed."""
-    monkeypatch.setattr(_plugins, "_entry_point_cache", [("planted", Planted, None)])
+    monkeypatch.setattr(_catalog, "_entry_point_cache", [("planted", Planted, None)])
 
 
 @pytest.fixture(autouse=True)
 def no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_plugins, "_entry_point_cache", [])
+    monkeypatch.setattr(_catalog, "_entry_point_cache", [])
 
 
 def test_detached_head_fails_readably(pytester: pytest.Pytester) -> None:

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from gradprobe.capture import host as _plugins
+from gradprobe.capture import plugin_catalog as _catalog
 from test_pytest_plugin import MODEL, PLAIN_SUITE, Planted
 
 pytest_plugins = ["pytester"]
@@ -15,7 +15,7 @@ pytest_plugins = ["pytester"]
 @pytest.fixture(autouse=True)
 def installed_planted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend a plugin that finds an error (T001) at every backward is installed."""
-    monkeypatch.setattr(_plugins, "_entry_point_cache", [("planted", Planted, None)])
+    monkeypatch.setattr(_catalog, "_entry_point_cache", [("planted", Planted, None)])
 
 
 def test_traces_are_dropped_after_each_test(pytester: pytest.Pytester) -> None:
@@ -107,7 +107,7 @@ def test_a_traced_test_failing_on_its_own_carries_the_report(pytester: pytest.Py
 @pytest.mark.skipif(importlib.util.find_spec("xdist") is None, reason="needs pytest-xdist")
 def test_xdist_workers_findings_reach_the_summary(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """With `-n 2 --gradprobe` the controller's summary counts the workers' traced tests and findings."""
-    monkeypatch.setattr(_plugins, "_entry_point_cache", [])
+    monkeypatch.setattr(_catalog, "_entry_point_cache", [])
     pytester.makepyfile(test_training=PLAIN_SUITE.read_text())
     result = pytester.runpytest_subprocess("-n", "2", "--gradprobe", "-p", "xdist")
     result.stdout.fnmatch_lines(

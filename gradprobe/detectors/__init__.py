@@ -1,6 +1,6 @@
 """Built-in mistake detectors, one per module, each registered as a gradprobe plugin.
 
-Each detector is a plugin class named in ``gradprobe.capture.host.BUILTIN_PLUGINS`` under its finding
+Each detector is a plugin class named in ``gradprobe.capture.plugin_catalog.BUILTIN_PLUGINS`` under its finding
 kind, so ``trace(disable=["nonfinite"])`` leaves it out. ``trace(detect=...)`` picks which run:
 ``"default"`` (the cheap ones, ``default = True`` on the class), ``"all"``, or a list of names.
 

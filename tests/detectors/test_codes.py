@@ -8,7 +8,7 @@ import re
 import pytest
 
 import gradprobe.detectors as package
-from gradprobe.capture.host import BUILTIN_PLUGINS, _load
+from gradprobe.capture.plugin_catalog import BUILTIN_PLUGINS, _load
 from gradprobe.detectors import CODES, codes_markdown
 from gradprobe.integrations.cli import CODES_END, CODES_START, main, write_codes
 

@@ -9,7 +9,7 @@ from models import MLP
 from torch import nn
 
 import gradprobe
-from gradprobe.capture.host import BUILTIN_PLUGINS
+from gradprobe.capture.plugin_catalog import BUILTIN_PLUGINS
 
 # -- stale_grad ---------------------------------------------------------------------------------
 
