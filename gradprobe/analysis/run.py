@@ -262,8 +262,11 @@ class RunAggregates:
 
     # -- adding steps --------------------------------------------------------------------------
 
-    def add(self, ledger: Ledger, upto: int) -> None:
-        """Add the parts of records before ``upto`` (those not added yet) to the aggregates."""
+    def add(self, ledger: Ledger, upto: int, closed: bool = False) -> None:
+        """Add the parts of records before ``upto`` (those not added yet) to the aggregates.
+
+        ``closed``: the epoch each leaf's `.grad` is in now counts as ended (a snapshot of the run so far).
+        """
         modules = {s.leaf.index: s.leaf.module for s in ledger.leaves}
         records = {r.index: r for r in ledger.records if r.index < upto}
         for record in records.values():
@@ -273,7 +276,7 @@ class RunAggregates:
                 info = self.losses[key] = LossInfo(key, record.name, record.site)
             info.calls.add(record.step, 1.0)
         self.records += len(records)
-        values = _read_values(ledger, upto, self._running)
+        values = _read_values(ledger, upto, self._running, closed)
         self._add_values(values, records, modules)
 
     def _add_values(
@@ -305,7 +308,10 @@ class RunAggregates:
                 agg.conflicts += cos < 0
             owner = modules.get(v.leaf)
             for module in ("", owner) if owner else ("",):
-                self.modules.setdefault(module, ModuleRun()).leaves.add(v.leaf)
+                run = self.modules.get(module)
+                if run is None:
+                    run = self.modules[module] = ModuleRun()
+                run.leaves.add(v.leaf)
                 sk = (step, module, loss)
                 if v.epoch_end is not None:
                     ends.setdefault((step, module), {})[v.leaf] = v.epoch_end**2
@@ -362,7 +368,7 @@ class RunAggregates:
         """A copy with the steps still kept in full added (the run so far, for reports)."""
         new = self.copy()
         ledger.flush()
-        new.add(ledger, len(ledger.records))
+        new.add(ledger, len(ledger.records), closed=True)
         return new
 
     def to_dict(self, leaves: dict[int, str]) -> dict[str, Any]:
@@ -395,7 +401,7 @@ def _json(x: float | None) -> float | str | None:
     return str(x)
 
 
-def _read_values(ledger: Ledger, upto: int, running: dict[int, tuple[int, float]]) -> list[_Value]:
+def _read_values(ledger: Ledger, upto: int, running: dict[int, tuple[int, float]], closed: bool) -> list[_Value]:
     """The parts of records before ``upto``, read back at once, with shares per ended epoch (NOTE [window])."""
     refs: list[Any] = []
 
@@ -443,7 +449,7 @@ def _read_values(ledger: Ledger, upto: int, running: dict[int, tuple[int, float]
                 if v.dot is not None:
                     v.before = math.sqrt(max(sq, 0.0))
                 sq = sq + 2.0 * (v.dot or 0.0) + v.norm * v.norm
-            if epoch in kept_epochs or epoch == state.epoch:  # not ended: carry its ‖.grad‖² on
+            if epoch in kept_epochs or (epoch == state.epoch and not closed):  # not ended: carry its ‖.grad‖² on
                 running[leaf] = (epoch, sq)
                 continue
             running.pop(leaf, None)
