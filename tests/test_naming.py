@@ -260,3 +260,16 @@ def test_matching_names_takes_a_full_name_or_a_dotted_tail() -> None:
     assert matching_names(names, "0.weight") == ["model.0.weight", "model.block.0.weight"]
     assert matching_names(names, "scale") == ["scale"]
     assert matching_names(names, "cale") == []
+
+
+def test_assertion_messages_use_the_same_names() -> None:
+    """assert_all_reached(model.head) and assert_share(model.head, …) name `model.2…`, not `Linear`."""
+    model = _net()
+    with gradprobe.trace(model, on_finding="record") as t:
+        model[0](torch.randn(2, 3)).sum().backward()
+    with pytest.raises(AssertionError, match=r"model\.2: weight, bias"):
+        t.assert_all_reached(model[2])
+    with pytest.raises(AssertionError, match=r"model\.2: weight, bias"):
+        t.assert_all_reached([model[0], [model[2].weight, model[2].bias]])
+    with pytest.raises(AssertionError, match=r"in the gradient of model\.0 "):
+        t.assert_share(model[0], 0, at_most=0.5)
