@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gradprobe
+from fake_library import load_fake_library  # tests/ is on sys.path (conftest.py)
 from gradprobe.capture.targets import matching_names
 
 FULL = ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
@@ -187,26 +188,9 @@ def test_a_module_level_model_is_in_scope_of_a_function(tmp_path: Path) -> None:
     assert namespace["NAMES"] == FULL
 
 
-def _fake_library(tmp_path: Path, package: str, source: str) -> Any:
-    """A module loaded from ``site-packages/<package>/core.py`` (a path like an installed library's).
-
-    Loaded under a private name, so an installed ``package`` (the real lightning) is left alone.
-    """
-    import importlib.util
-
-    path = tmp_path / "site-packages" / package / "core.py"
-    path.parent.mkdir(parents=True)
-    path.write_text(textwrap.dedent(source))
-    spec = importlib.util.spec_from_file_location(f"_gradprobe_fake_{package}_core", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_training_librarys_own_variables_do_not_name_the_leaves(tmp_path: Path) -> None:
     """A trace opened inside a library (a callback) names leaves from the user's frame above it."""
-    lib = _fake_library(
+    lib = load_fake_library(
         tmp_path,
         "lightning",
         """
