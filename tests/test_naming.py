@@ -257,3 +257,46 @@ def test_assertion_messages_use_the_same_names() -> None:
         t.assert_all_reached([model[0], [model[2].weight, model[2].bias]])
     with pytest.raises(AssertionError, match=r"in the gradient of model\.0 "):
         t.assert_share(model[0], 0, at_most=0.5)
+
+
+def test_odd_objects_in_scope_never_break_a_trace(tmp_path: Path) -> None:
+    """A lazy proxy whose `__class__` raises and a module that cannot be walked, as globals: names still come."""
+    script = tmp_path / "script_odd_globals.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+            import gradprobe
+
+            class Proxy:  # like a web framework's unbound request proxy
+                @property
+                def __class__(self):
+                    raise RuntimeError("working outside of a request")
+
+            class Broken(nn.Module):
+                def modules(self):
+                    raise RuntimeError("cannot walk")
+
+                def named_parameters(self, *args, **kwargs):
+                    raise RuntimeError("cannot walk")
+
+            request = Proxy()
+            broken = Broken()
+            model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+
+            # amp: its GradScaler scan of the globals has the same isinstance() problem (left to its owner)
+            def step():
+                with gradprobe.trace(model.parameters(), on_finding="record", disable=["amp"]) as t:
+                    model(torch.randn(2, 3)).sum().backward()
+                with gradprobe.trace(on_finding="record", disable=["amp"]) as t2:
+                    model(torch.randn(2, 3)).sum().backward()
+                return [leaf.name for leaf in t.leaves], [leaf.name for leaf in t2.leaves]
+
+            NAMES = step()
+            """
+        )
+    )
+    namespace: dict[str, Any] = {"__name__": "script_odd_globals"}
+    exec(compile(script.read_text(), str(script), "exec"), namespace)
+    assert namespace["NAMES"] == (FULL, FULL)

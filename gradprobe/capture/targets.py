@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, ValuesView
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ def _scope(frame: FrameType | None) -> list[tuple[str, Any]]:
     for var, value in local.items():
         if var.startswith("_"):
             continue
-        if isinstance(value, (nn.Module, torch.Tensor)):
+        if _nameable(value):
             found.append((var, value))
         elif var == "self":
             found += [(f"self.{attr}", sub) for attr, sub in _module_attributes(value)]
@@ -104,9 +104,14 @@ def _scope(frame: FrameType | None) -> list[tuple[str, Any]]:
         found += [
             (var, value)
             for var, value in list(frame.f_globals.items())
-            if var not in local and not var.startswith("_") and isinstance(value, (nn.Module, torch.Tensor))
+            if var not in local and not var.startswith("_") and _nameable(value)
         ]
     return found
+
+
+def _nameable(value: Any) -> bool:
+    # by type(): isinstance() reads `__class__`, which a lazy proxy among the globals may raise from
+    return issubclass(type(value), (nn.Module, torch.Tensor))
 
 
 def _module_attributes(obj: Any) -> list[tuple[str, nn.Module]]:
@@ -114,7 +119,15 @@ def _module_attributes(obj: Any) -> list[tuple[str, nn.Module]]:
         attrs = vars(obj)
     except TypeError:  # no __dict__ (slots, builtins)
         return []
-    return [(a, v) for a, v in list(attrs.items()) if isinstance(v, nn.Module) and not a.startswith("_")]
+    return [(a, v) for a, v in list(attrs.items()) if issubclass(type(v), nn.Module) and not a.startswith("_")]
+
+
+def _walk(walk: Callable[[], Iterable[Any]]) -> list[Any]:
+    """``list(walk())``, or nothing from a module in scope too broken to walk (it is not the user's target)."""
+    try:
+        return list(walk())
+    except Exception:
+        return []
 
 
 def _outermost(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -126,7 +139,7 @@ def _outermost(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modul
     for _, module in modules:
         inner = _wrapped(module)
         unwrapped = inner if inner is not None and id(inner) in named else None
-        for sub in module.modules():
+        for sub in _walk(module.modules):
             if sub is not module and sub is not unwrapped:
                 held.add(id(sub))
     roots = [(n, m) for n, m in modules if id(m) not in held] or modules[:1]  # [:1]: modules holding each other
@@ -148,7 +161,7 @@ class LeafNamer:
         self._scope = _scope(caller_outside_libraries(frame) or frame)
         unique: dict[int, tuple[str, nn.Module]] = {}
         for var, value in self._scope:
-            if isinstance(value, nn.Module):
+            if issubclass(type(value), nn.Module):
                 unique.setdefault(id(value), (var, value))
         self._in_scope = unique
         self._roots = _outermost(list(unique.values()))
@@ -162,21 +175,21 @@ class LeafNamer:
         unnamed = {
             id(m): m
             for m in self._modules
-            if id(m) not in self._in_scope and any(id(p) not in by_id for p in m.parameters())
+            if id(m) not in self._in_scope and any(id(p) not in by_id for p in _walk(m.parameters))
         }
         used: dict[str, int] = {}
         for label, module in _outermost([(type(m).__name__, m) for m in unnamed.values()]):
             used[label] = used.get(label, 0) + 1
             self._add(label if used[label] == 1 else f"{label}#{used[label]}", module)
         for var, value in self._scope:
-            if isinstance(value, torch.Tensor):
+            if issubclass(type(value), torch.Tensor):
                 by_id.setdefault(id(value), (var, None))
         return by_id
 
     def _add(self, root: str, module: nn.Module) -> None:
         by_id = self._table()
         prefix = root + "."
-        for qual, p in module.named_parameters(remove_duplicate=False):
+        for qual, p in _walk(lambda: module.named_parameters(remove_duplicate=False)):
             if id(p) not in by_id:
                 name = prefix + qual
                 by_id[id(p)] = (name, name.rpartition(".")[0])
