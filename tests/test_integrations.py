@@ -46,8 +46,9 @@ def test_lightning_callback_traces_each_step(tmp_path: Path) -> None:
     last = callback.last
     assert last is not None and not last.active and len(last.records) == 1
     rows = {row.leaf.name: row for row in last.breakdown()}
-    assert rows["net.weight"].reached and rows["net.weight"].check is True
-    assert not rows["unused.weight"].reached
+    # named under the script's `model` (NOTE [leaf names]: Lightning's frames are skipped)
+    assert rows["model.net.weight"].reached and rows["model.net.weight"].check is True
+    assert not rows["model.unused.weight"].reached
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "gradprobe · step 2" in text and "Gradient breakdown" in text
     assert lines.count("gradprobe report, step 2") == 1
@@ -130,7 +131,7 @@ def test_transformers_callback_traces_each_step(tmp_path: Path) -> None:
     last = callback.last
     assert last is not None and len(last.records) == 2  # two micro-batches, one optimizer step
     rows = {row.leaf.name: row for row in last.breakdown()}
-    row = rows["classifier.weight"]
+    row = rows["model.classifier.weight"]  # under the test's `model`: the Trainer's frames are skipped
     assert [p.record for p in row.parts] == [0, 1] and row.grad_norm is not None
     # Trainer always runs clip_grad_norm_ (with max_norm=inf when max_grad_norm=0, to log the norm): an
     # in-place ×1 write after the last backward, which the Σ check honestly reports as a modification
