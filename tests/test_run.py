@@ -442,3 +442,20 @@ def test_nothing_a_trace_holds_grows_with_the_number_of_steps():
     bound = 1024 + 64  # a plugin may keep up to 1,024 entries before it forgets the dead ones
     grew = {k: (short.get(k), v) for k, v in long.items() if v > max(short.get(k, 0) * 1.5 + 8, bound)}
     assert not grew, grew
+
+
+def test_a_hand_written_loop_with_sampling_keeps_its_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    with gradprobe.trace(model, every=3) as t:
+        for _ in range(7):
+            x = torch.randn(2, 4)
+            model(x).sum().backward()
+            model(x).pow(2).sum().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            model.zero_grad()
+    assert [r.step for r in t.records] == [s for s in range(7) for _ in range(2)]
+    measured = {t._ledger.records[p.record].step for s in t._ledger.leaves for p in s.parts}
+    assert measured == {0, 3, 6}
