@@ -197,15 +197,20 @@ class LeafLoss:
 class ModuleRun:
     """One module (or the whole model, ``""``) over the run: per loss share and conflict, and ‖.grad‖."""
 
-    __slots__ = ("leaves", "share", "share_trend", "cos", "conflict_steps", "compared_steps", "grad_norm", "grad_trend")
+    __slots__ = (
+        "leaves", "share", "share_trend", "cos", "cos_trend", "conflict_steps", "compared_steps", "conflict_trend",
+        "grad_norm", "grad_trend",
+    )
 
     def __init__(self) -> None:
         self.leaves: set[int] = set()
         self.share: dict[str, Agg] = {}  # loss -> per step share of the module's .grad
         self.share_trend: dict[str, Series] = {}
         self.cos: dict[str, Agg] = {}  # loss -> per part cosine with what the module's .grad held
+        self.cos_trend: dict[str, Series] = {}  # the same per step (for plots: mean and worst per bucket)
         self.conflict_steps = 0  # steps in which some loss's part had cosine < 0 here
         self.compared_steps = 0  # steps with a cosine to compare (two contributions or more)
+        self.conflict_trend = Series()  # per compared step: 1.0 in conflict, else 0.0 (bucket mean: the rate)
         self.grad_norm = Agg()  # per step: ‖.grad‖ of the module at the end of the step's epoch
         self.grad_trend = Series()
 
@@ -219,6 +224,8 @@ class ModuleRun:
         new.share = {k: v.copy() for k, v in self.share.items()}
         new.share_trend = {k: v.copy() for k, v in self.share_trend.items()}
         new.cos = {k: v.copy() for k, v in self.cos.items()}
+        new.cos_trend = {k: v.copy() for k, v in self.cos_trend.items()}
+        new.conflict_trend = self.conflict_trend.copy()
         new.conflict_steps, new.compared_steps = self.conflict_steps, self.compared_steps
         new.grad_norm, new.grad_trend = self.grad_norm.copy(), self.grad_trend.copy()
         return new
@@ -347,11 +354,13 @@ class RunAggregates:
             cos = max(-1.0, min(1.0, dot / math.sqrt(before2 * part2)))
             loss = loss_key(records[index])
             self.modules[module].cos.setdefault(loss, Agg()).add(step, cos)
+            self.modules[module].cos_trend.setdefault(loss, Series()).add(step, cos)
             conflict[(step, module)] = conflict.get((step, module), False) or cos < 0
         for (step, module), bad in conflict.items():
             run = self.modules[module]
             run.compared_steps += 1
             run.conflict_steps += bad
+            run.conflict_trend.add(step, float(bad))
         for (step, module), leaf_ends in sorted(ends.items()):
             run = self.modules[module]
             norm = math.sqrt(sum(leaf_ends.values()))
