@@ -203,6 +203,28 @@ def test_bad_input_raises_clear_errors(run_trace):
         run_trace.plot("a.png", path="b.png")
 
 
+def test_shares_of_three_contributions_need_kept_tensors():
+    """With keep="stats" a .grad made of three parts has no known shares: the error says what to do."""
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    for keep in ("stats", "tensors"):
+        with gradprobe.trace(model, keep=keep, on_finding="record") as t:
+            for _ in range(3):
+                model.zero_grad()
+                out = model(x)
+                out.square().mean().backward(retain_graph=True)
+                out.abs().mean().backward(retain_graph=True)
+                out.sum().backward()
+                t.step()
+        if keep == "stats":
+            with pytest.raises(ValueError, match=r"at most two contributions .* keep='tensors'"):
+                t.plot("shares")
+        else:
+            fig = t.plot("shares")
+            assert len(_labelled(_panels(fig)["(whole model)"])) == 3
+            plt.close(fig)
+
+
 def test_nothing_to_plot_says_why():
     """One loss per step: no second contribution, so no cosine to draw."""
     model = nn.Linear(3, 1)

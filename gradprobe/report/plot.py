@@ -158,8 +158,9 @@ def plot_run(
         raise ValueError(f"Trace.plot(max_modules=...) is how many modules to draw: a positive int, got {max_modules!r}")
     drawn, left = pick_modules(agg, kind, modules, max_modules)
     if not drawn:
-        what = ("no measured step whose .grad ended (a share needs the step's final .grad: reset it with "
-                "optimizer.zero_grad() and end steps with optimizer.step() or t.step())" if kind == "shares" else
+        what = ("no step with a known share: a share needs the step's final .grad (reset it with zero_grad() "
+                "before the next step) and, with keep='stats', at most two contributions to one .grad a step "
+                "(trace(..., keep='tensors') for more)" if kind == "shares" else
                 "no step with two contributions to one .grad (a cosine needs a second backward call "
                 "adding to what the first left)")
         where = f" in modules {modules!r}" if modules is not None else ""
