@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
 
     from gradprobe.analysis.breakdown import LeafBreakdown
+    from gradprobe.analysis.run import RunAggregates
     from gradprobe.analysis.split import Split
     from gradprobe.capture.host import PluginHost
     from gradprobe.findings import Finding
@@ -64,6 +65,8 @@ class TraceViews:
         def leaves(self) -> tuple[Leaf, ...]: ...
 
         def breakdown(self) -> list[LeafBreakdown]: ...
+
+        def run(self) -> RunAggregates: ...
 
     def splits(self) -> list[Split]:
         """Per-loss splits: one per decomposed backward, then the final .grad split by backward call."""
@@ -113,7 +116,7 @@ class TraceViews:
         if split != -1:
             raise ValueError(f"Trace.plot({kind!r}, split=...): split= picks one split for plot 'split'; "
                              "a run plot covers every step")
-        return plot_run(self.run(), kind, path, modules, MAX_MODULES if max_modules is None else max_modules)  # type: ignore[attr-defined]
+        return plot_run(self.run(), kind, path, modules, MAX_MODULES if max_modules is None else max_modules)
 
     def _decomposer(self) -> Any:
         plugin = self._plugins.get_plugin("decompose")
