@@ -282,10 +282,10 @@ def report(result: dict[str, Any]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="training steps under one trace (default 10,000; --quick 2,000)")
-    parser.add_argument("--quick", action="store_true", help="2,000 steps, 3 rounds of 32-step blocks")
+    parser.add_argument("--quick", action="store_true", help="2,000 steps, 3 rounds of 48-step blocks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, help="ratio rounds (default 5; --quick 3)")
-    parser.add_argument("--block", type=int, help="steps per timed block (default 64; --quick 32)")
+    parser.add_argument("--block", type=int, help="steps per timed block (default 64; --quick 48)")
     parser.add_argument("--models", nargs="*", default=["cnn", "transformer"], help="benchmark models for the ratio")
     parser.add_argument("--clock", choices=list(CLOCKS), help="cpu (default on CPU: steadier on a shared machine) or wall")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default 1 on CPU)")
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
     steps = args.steps or (2_000 if args.quick else 10_000)
     rounds = args.rounds or (3 if args.quick else 5)
-    block = args.block or (32 if args.quick else 64)
+    block = args.block or (48 if args.quick else 64)  # 48: one fold a block (window 16)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     label = torch.cuda.get_device_name() if not cpu else f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} torch threads"
     result: dict[str, Any] = {
