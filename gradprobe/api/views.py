@@ -9,6 +9,7 @@ the trace's plugin host, so the capture core never imports them.
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any
 
 from gradprobe.capture.lifecycle import gc_paused
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
 
     from gradprobe.analysis.breakdown import LeafBreakdown
+    from gradprobe.analysis.run import RunAggregates
     from gradprobe.analysis.split import Split
     from gradprobe.capture.host import PluginHost
     from gradprobe.findings import Finding
@@ -76,18 +78,57 @@ class TraceViews:
 
         def breakdown(self) -> list[LeafBreakdown]: ...
 
+        def run(self) -> RunAggregates: ...
+
     def splits(self) -> list[Split]:
         """Per-loss splits: one per decomposed backward, then the final .grad split by backward call."""
         return self._decomposer().splits(self)
 
-    def plot(self, path: str | None = None, split: int = -1) -> Any:
-        """Draw "gradient flow by loss" per module (needs ``pip install gradprobe[plot]``); returns the figure."""
-        from gradprobe.report.plot import plot_split
+    def plot(
+        self,
+        what: str | os.PathLike[str] | None = None,
+        path: str | os.PathLike[str] | None = None,
+        split: int = -1,
+        *,
+        modules: list[str] | None = None,
+        max_modules: int | None = None,
+    ) -> Any:
+        """Draw per-loss gradient flow (needs ``pip install gradprobe[plot]``); returns the matplotlib figure.
 
-        splits = self.splits()
-        if not splits:
-            raise ValueError("Trace.plot(): nothing to plot; use trace(..., decompose=True) or 2+ backward calls")
-        return plot_split(splits[split], path)
+        ``what`` picks the plot: ``"split"`` (the default) draws one per-loss split per module (the
+        ``split``-th of :meth:`splits`, the last by default); ``"shares"`` draws each loss's share of
+        every module's ``.grad`` against the step, over the run (:meth:`run`); ``"conflicts"`` the
+        cosine of each loss's part with what ``.grad`` held before it, and how often it was below 0.
+        Run plots draw at most ``max_modules`` (12) modules, largest mean ``‖.grad‖`` first, or those
+        named in ``modules``. ``path`` saves a PNG; ``t.plot("flow.png")`` (a path in place of
+        ``what``) still draws the split.
+        """
+        from gradprobe.report.plot import MAX_MODULES, RUN_KINDS, plot_run, plot_split
+
+        if what is None or what == "split" or what in RUN_KINDS:
+            kind = "split" if what is None else str(what)
+        elif isinstance(what, str) and not os.path.splitext(what)[1]:
+            raise ValueError(f"Trace.plot(): unknown plot {what!r}; choose 'split', 'shares' or 'conflicts' "
+                             "(or give a file name such as 'flow.png' to draw the split)")
+        elif isinstance(what, (str, os.PathLike)):  # t.plot("flow.png") and t.plot("flow.png", 0): the split
+            if path is not None and (isinstance(path, bool) or not isinstance(path, int)):
+                raise ValueError(f"Trace.plot(): {what!r} is not a plot ('split', 'shares', 'conflicts'), and a "
+                                 "path is given as well; call t.plot('shares', path=...)")
+            kind, split, path = "split", split if path is None else path, what
+        else:
+            raise TypeError(f"Trace.plot(): the first argument is 'split', 'shares', 'conflicts' or a path; got {what!r}")
+        if kind == "split":
+            if modules is not None or max_modules is not None:
+                raise ValueError("Trace.plot(modules=..., max_modules=...) choose modules of the run plots "
+                                 "('shares', 'conflicts'); the split plot draws every module")
+            splits = self.splits()
+            if not splits:
+                raise ValueError("Trace.plot(): nothing to plot; use trace(..., decompose=True) or 2+ backward calls")
+            return plot_split(splits[split], path)
+        if split != -1:
+            raise ValueError(f"Trace.plot({kind!r}, split=...): split= picks one split for plot 'split'; "
+                             "a run plot covers every step")
+        return plot_run(self.run(), kind, path, modules, MAX_MODULES if max_modules is None else max_modules)
 
     def _decomposer(self) -> Any:
         plugin = self._plugins.get_plugin("decompose")
