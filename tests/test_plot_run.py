@@ -55,7 +55,7 @@ def test_shares_figure_has_a_line_per_loss_per_module(run_trace):
     try:
         panels = _panels(fig)
         run = run_trace.run()
-        by_norm = sorted(["0", "2"], key=lambda n: -run.modules[n].grad_norm.mean)
+        by_norm = sorted(["model.0", "model.2"], key=lambda n: -run.modules[n].grad_norm.mean)
         assert list(panels) == ["(whole model)", *by_norm]
         for name, ax in panels.items():
             lines = _labelled(ax)
@@ -97,7 +97,7 @@ def test_conflicts_figure_draws_cosines_and_the_conflict_rate(run_trace):
     fig = run_trace.plot("conflicts")
     try:
         panels = _panels(fig)
-        assert set(panels) == {"(whole model)", "0", "2"}
+        assert set(panels) == {"(whole model)", "model.0", "model.2"}
         run = run_trace.run()
         for name, ax in panels.items():
             module = run.modules["" if name == "(whole model)" else name]
@@ -164,9 +164,9 @@ def test_big_models_draw_the_largest_modules_and_say_what_was_left_out():
         assert note.startswith("showing 4 of 9 modules") and all(n in note for n in by_norm[3:])
     finally:
         plt.close(fig)
-    fig = t.plot("conflicts", modules=["3.0", "(whole model)"])
+    fig = t.plot("conflicts", modules=["model.3.0", "(whole model)"])
     try:
-        assert list(_panels(fig)) == ["3.0", "(whole model)"]
+        assert list(_panels(fig)) == ["model.3.0", "(whole model)"]
         (note,) = [text.get_text() for text in fig.texts if text.get_text().startswith("showing")]
         assert note.startswith("showing 2 of 9 modules; left out: ")
     finally:
@@ -176,9 +176,9 @@ def test_big_models_draw_the_largest_modules_and_say_what_was_left_out():
 def test_a_long_run_is_drawn_in_buckets_with_a_min_max_band():
     """Past 64 steps neighbours merge: at most 64 points a line, each with its min–max band."""
     t = _two_loss_run(steps=140)
-    fig = t.plot("shares", modules=["2"])
+    fig = t.plot("shares", modules=["model.2"])
     try:
-        ax = _panels(fig)["2"]
+        ax = _panels(fig)["model.2"]
         xs, _ = _labelled(ax)["other"].get_data()
         assert 32 <= len(xs) <= 64 and max(xs) > 130
         assert len(ax.collections) == 2  # one band per loss
@@ -193,12 +193,12 @@ def test_bad_input_raises_clear_errors(run_trace):
         run_trace.plot(42)
     with pytest.raises(ValueError, match="max_modules"):
         run_trace.plot("shares", max_modules=0)
-    with pytest.raises(ValueError, match="no module 'head'.*modules: '', '0', '2'"):
+    with pytest.raises(ValueError, match="no module 'head'.*modules: '', 'model.0', 'model.2'"):
         run_trace.plot("shares", modules=["head"])
     with pytest.raises(ValueError, match="split= picks one split"):
         run_trace.plot("conflicts", split=0)
     with pytest.raises(ValueError, match="modules of the run plots"):
-        run_trace.plot(modules=["0"])
+        run_trace.plot(modules=["model.0"])
     with pytest.raises(ValueError, match="path is given as well"):
         run_trace.plot("a.png", path="b.png")
 
@@ -236,10 +236,10 @@ def test_nothing_to_plot_says_why():
             opt.step()
     with pytest.raises(ValueError, match=r"nothing to plot: no step with two contributions"):
         t.plot("conflicts")
-    fig = t.plot("shares")  # one loss: 100% of every step whose .grad ended
+    fig = t.plot("shares")  # one loss: 100% of every step (the last one too: the run so far)
     try:
-        (ax,) = _panels(fig).values()
+        ax = _panels(fig)["(whole model)"]  # the one module, `model`, draws the same line
         (line,) = _labelled(ax).values()
-        assert list(line.get_ydata()) == pytest.approx([1.0, 1.0])
+        assert list(line.get_ydata()) == pytest.approx([1.0, 1.0, 1.0])
     finally:
         plt.close(fig)

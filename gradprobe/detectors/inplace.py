@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from gradprobe.capture.graph import Stale, sequence_nr, walk
+from gradprobe.capture.steps import steps_of
 from gradprobe.detectors._common import call_text, node_owner, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
@@ -61,18 +62,32 @@ class InplaceSaved:
     gradprobe_name = "inplace_saved"
 
     def __init__(self) -> None:
-        # storage address -> [(version before the write, site, func, optimizer step?)]
-        self._writes: dict[int, list[tuple[int, Site | None, Callable[..., Any], bool]]] = {}
+        # storage address -> [(version before the write, site, func, optimizer step?, training step)]
+        self._writes: dict[int, list[tuple[int, Site | None, Callable[..., Any], bool, int]]] = {}
+
+    @hookimpl
+    def gradprobe_trace_start(self, trace: Trace) -> None:
+        steps_of(trace).on_end(self.gradprobe_name, self._forget_old)
+
+    def _forget_old(self, trace: Trace, event: Any) -> None:
+        """A long run: writes older than the last two steps explain no graph a step still holds."""
+        step = trace.current_step
+        if step % 16 or not self._writes:
+            return
+        self._writes = {
+            key: kept for key, known in self._writes.items() if (kept := [w for w in known if w[4] >= step - 2])
+        }
 
     @hookimpl
     def gradprobe_inplace_write(
         self, trace: Trace, tensors: Iterable[torch.Tensor], func: Callable[..., Any], site: Site | None
     ) -> None:
         writes = self._writes
+        step = trace.current_step
         for tensor in tensors:
             try:
                 key = tensor.untyped_storage().data_ptr()
-                entry = (tensor._version, site, func, tensor.is_leaf and tensor.requires_grad)
+                entry = (tensor._version, site, func, tensor.is_leaf and tensor.requires_grad, step)
             except Exception:  # sparse, nested, meta...: nothing autograd would check
                 continue
             if not key:
@@ -114,7 +129,7 @@ class InplaceSaved:
         node_name, created = node_owner(frame, stale.node, locals_)
         related: list[RelatedSite] = []
         if write is not None:
-            _, site, func, optimizer = write
+            _, site, func, optimizer, _ = write
             fname = _func_name(func)
             source = site.source if site is not None else ""
             by = f"`{source}` ({fname}) at {site}" if source else f"`{fname}`" + (f" at {site}" if site else "")

@@ -248,7 +248,7 @@ class Ledger:
                     epochs.append(EpochStart(state.epoch + 1, record.index, None, None, "reset" if epochs else "start"))
                 else:
                     self._maybe_new_epoch(state, record, None)
-                part = PartStats(record.index, state.epoch, None, None, None, False, False, True)
+                part = PartStats(record.index, state.epoch, None, None, None, None, False, True)
                 state.parts.append(part)
                 state.deferred = part
                 self.pending.append(state)
