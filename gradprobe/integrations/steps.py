@@ -1,16 +1,32 @@
-"""One trace per training step, shared by the framework callbacks.
+"""One trace for a whole training run, shared by the framework callbacks.
 
-# NOTE [a trace per step]
-# A framework runs forward, backward and the optimizer step between two callback events. The
-# callbacks enter a fresh `gradprobe.trace(model, on_finding="record")` at the start of each step
-# and exit it at the end, so every step gets its own ledger (no growth over a long run, the same
-# exactness per step). New findings are logged as soon as the step ends; the full report every
-# `every_n_steps` steps. Findings are recorded, never raised, unless asked: a callback must not
-# stop a training run that PyTorch itself would let finish.
+# NOTE [one trace per run]
+# The callbacks enter one `Trace(model, on_finding="record")` when training starts (Lightning
+# `on_train_start`, Hugging Face `on_train_begin`) and exit it when training ends, so the trace sees
+# every step of the run: the per-trace set-up (hooks on every parameter, the plugin table) is paid
+# once, and the report can speak about the run, not about one step. Steps end by themselves: the
+# trace core ends a step at every `optimizer.step()` (global optimizer-step hooks), so the callbacks
+# do nothing to open or close a step. At the framework's end-of-step event they only look at what
+# is new: findings are logged as soon as the step they appear in ends ("gradprobe step N: ..."),
+# and the full report is printed every `every_n_steps` steps (`t.report()` while the trace is
+# active) and once more at the end. Findings are recorded, never raised, unless asked: a callback
+# must not stop a training run that PyTorch itself would let finish.
+#
+# Per step the callbacks cost a few attribute reads and one length check of the trace's finding
+# list: nothing per parameter (the trace's own hooks are the per-parameter work).
+#
+# Every way out of a run exits the trace, so no hook stays installed: train end; the framework's
+# exception event (Lightning `on_exception`, also for KeyboardInterrupt); a new run started by the
+# same callback; `callback.close()`; and the callback being garbage collected or the interpreter
+# exiting (`weakref.finalize`). Hugging Face's Trainer has no exception event: when `trainer.train()`
+# raises, the trace stays open until one of the last three; wrap the call in
+# `try: ... finally: callback.close()` to end it at once. The finalizer holds the `RunTracer`, never
+# the callback, and nothing gradprobe owns refers back to the callback, so the callback can be freed.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -19,24 +35,27 @@ if TYPE_CHECKING:
     from gradprobe.api.trace import Keep, Policy, Trace
     from gradprobe.findings import Finding
 
-__all__ = ["StepCallback", "StepTracer"]
+__all__ = ["RunTracer", "StepCallback"]
 
 
-class StepTracer:
-    """Opens a trace at a step's start and closes it at its end; logs findings and periodic reports."""
+class RunTracer:
+    """The run's trace: entered at train start, exited at train end; logs findings and reports at step ends."""
 
     def __init__(
         self,
         every_n_steps: int,
-        keep: Keep,
-        on_finding: Policy,
-        console: Console | None,
-        log: Callable[[str], None] | None,
-        plugins: tuple[Any, ...],
-        disable: tuple[str, ...],
+        keep: Keep = "stats",
+        on_finding: Policy = "record",
+        console: Console | None = None,
+        log: Callable[[str], None] | None = None,
+        plugins: tuple[Any, ...] = (),
+        disable: tuple[str, ...] = (),
+        window: int | None = None,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"GradProbeCallback(every_n_steps=...) must be at least 1, got {every_n_steps}")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"GradProbeCallback(every_n_steps=...) must be an integer of at least 1, got {every_n_steps!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"GradProbeCallback(window=...) must be None or an integer of at least 1, got {window!r}")
         self.every_n_steps = every_n_steps
         self.keep = keep
         self.on_finding = on_finding
@@ -44,46 +63,90 @@ class StepTracer:
         self.log = log
         self.plugins = plugins
         self.disable = disable
-        self.current: Trace | None = None
-        self._closed: Trace | None = None  # closed, not yet logged
-        self.last: Trace | None = None  # the trace of the last finished step
+        self.window = window
+        self.trace: Trace | None = None  # the run's trace: active during the run, done after it
         self.findings: list[tuple[int, Finding]] = []  # (step, finding) over the whole run
         self.reports = 0
+        self.step: int | None = None  # the framework's step number at the last step end
+        self._seen = 0  # how many of the trace's findings were logged
+        self._reported_at: int | None = None  # the step of the last report
 
-    def begin(self, model: Any) -> None:
+    @property
+    def running(self) -> bool:
+        """Whether the run's trace is open."""
+        return self.trace is not None and self.trace.active
+
+    def start(self, model: Any) -> None:
+        """Enter a new trace of ``model`` for the run (ending a previous run's trace first)."""
         from gradprobe.api.trace import Trace
 
-        self.close()
-        self._closed = None
+        self.finish()
+        options: dict[str, Any] = {"window": self.window} if self.window is not None else {}
         trace = Trace(
             (model,), keep=self.keep, on_finding=self.on_finding, plugins=self.plugins, disable=self.disable,
-            console=self.console,
+            console=self.console, **options,
         )
+        self.trace, self.step, self._seen, self._reported_at = trace, None, 0, None
         trace.__enter__()
-        self.current = trace
 
-    def end(self, step: int) -> None:
-        """Close the step's trace; log its findings now, and the report every ``every_n_steps``."""
-        self.close()
-        trace, self._closed = self._closed, None
-        if trace is None:
+    def step_end(self, step: int) -> None:
+        """A training step ended: log its new findings now, and the report every ``every_n_steps``."""
+        trace = self.trace
+        if trace is None or not trace.active:
             return
-        for finding in trace.findings:
-            self.findings.append((step, finding))
-            self._say(f"gradprobe step {step}: {finding.format()}")
-        if step % self.every_n_steps == 0:
-            self.reports += 1
-            if self.log is not None:
-                self.log(f"gradprobe report, step {step}")
-            self._console().print(f"[bold]gradprobe · step {step}[/bold]")
-            trace.report(self._console())
+        self.step = step
+        self._log_new(trace, f"step {step}")
+        # with gradient accumulation the framework's step stays the same for several batches: one report
+        if step > 0 and step % self.every_n_steps == 0 and step != self._reported_at:
+            self._report(trace, f"step {step}")
 
-    def close(self, exc: BaseException | None = None) -> None:
-        """Exit the step's trace (if open); :meth:`end` then logs it."""
-        trace, self.current = self.current, None
-        if trace is not None:
-            trace.__exit__(type(exc) if exc else None, exc, None)
-            self.last = self._closed = trace
+    def finish(self, exc: BaseException | None = None) -> None:
+        """Exit the run's trace (if open), log what is new and print the report of the run.
+
+        ``exc``: the exception that stopped the run, if one did (the trace exits with it: what the
+        trace finds at its end is then recorded, never raised).
+        """
+        trace = self.trace
+        if trace is None or not trace.active:
+            return
+        try:
+            trace.__exit__(type(exc) if exc is not None else None, exc, exc.__traceback__ if exc is not None else None)
+        finally:
+            last = "before the first step" if self.step is None else f"after step {self.step}"
+            new = self._log_new(trace, f"end of run ({last})")
+            if new or self._reported_at is None or self._reported_at != self.step or exc is not None:
+                stopped = f", stopped by {type(exc).__name__}" if exc is not None else ""
+                self._report(trace, f"end of run ({last}{stopped})")
+
+    def abandon(self) -> None:
+        """Exit the run's trace without logging or printing (the callback was freed or the process exits)."""
+        trace = self.trace
+        if trace is None or not trace.active:
+            return
+        try:
+            trace.__exit__(None, None, None)
+        except Exception:  # noqa: BLE001 — a finalizer has no caller to tell; the hooks are off either way
+            pass
+
+    def _log_new(self, trace: Trace, when: str) -> int:
+        found = trace._findings  # the trace's own list: no copy per step
+        new = len(found) - self._seen
+        if new > 0:
+            step = self.step if self.step is not None else 0
+            for finding in found[self._seen :]:
+                self.findings.append((step, finding))
+                self._say(f"gradprobe {when}: {finding.format()}")
+            self._seen = len(found)
+        return max(new, 0)
+
+    def _report(self, trace: Trace, when: str) -> None:
+        self.reports += 1
+        self._reported_at = self.step
+        if self.log is not None:
+            self.log(f"gradprobe report, {when}")
+        console = self._console()
+        console.print(f"[bold]gradprobe · {when}[/bold]")
+        trace.report(console)
 
     def _console(self) -> Console:
         import rich
@@ -98,15 +161,18 @@ class StepTracer:
 
 
 class StepCallback:
-    """What both framework callbacks share: the options, the step tracer and what it collected.
+    """What both framework callbacks share: the options, the run's tracer and what it collected.
 
     Args:
-        every_n_steps: print the report when the trainer's global step is a multiple of this.
-        keep: ``trace(keep=...)`` for each step.
+        every_n_steps: print the report when the trainer's global step is a multiple of this (and
+            once more when training ends).
+        keep: ``trace(keep=...)`` for the run's trace.
         on_finding: ``"record"`` (default: log, never interrupt training), ``"warn"`` or ``"raise"``.
         console: the rich console for reports (default: rich's).
         log: a function taking one line of text for findings (default: print to ``console``).
-        plugins, disable: passed to each step's trace.
+        plugins, disable: passed to the run's trace.
+        window: ``trace(window=...)``: how many recent steps the trace keeps in full detail (default:
+            the trace's own default).
     """
 
     def __init__(
@@ -119,21 +185,37 @@ class StepCallback:
         log: Callable[[str], None] | None = None,
         plugins: tuple[Any, ...] = (),
         disable: tuple[str, ...] = (),
+        window: int | None = None,
     ) -> None:
         super().__init__()
-        self._steps = StepTracer(every_n_steps, keep, on_finding, console, log, tuple(plugins), tuple(disable))
+        self._steps = RunTracer(every_n_steps, keep, on_finding, console, log, tuple(plugins), tuple(disable), window)
+        # NOTE [one trace per run]: a freed callback (or the interpreter's exit) ends an open run's trace
+        weakref.finalize(self, self._steps.abandon)
+
+    @property
+    def trace(self) -> Trace | None:
+        """The run's trace: active while training runs, finished after it (None before the first run)."""
+        return self._steps.trace
 
     @property
     def last(self) -> Trace | None:
-        """The trace of the last finished step."""
-        return self._steps.last
+        """The run's trace (the same as :attr:`trace`; kept from when each step had its own)."""
+        return self._steps.trace
 
     @property
-    def findings(self) -> list[Finding]:
-        """Every finding logged so far."""
+    def findings(self) -> list[tuple[int, Finding]]:
+        """Every finding logged so far, as ``(step, finding)``."""
         return list(self._steps.findings)
 
     @property
     def reports(self) -> int:
         """How many reports were printed."""
         return self._steps.reports
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """End the run's trace now (log, report), e.g. in a ``finally`` after ``trainer.train()`` raised.
+
+        ``exc``: the exception that stopped the run, if any (the trace then only records its end findings).
+        Nothing happens when no run is open.
+        """
+        self._steps.finish(exc)
