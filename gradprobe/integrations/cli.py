@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
         default="record",
         help="what a finding does while the script runs (default: record; all are in the report at the end)",
     )
+    run.add_argument(
+        "--window",
+        type=_positive,
+        metavar="N",
+        help="keep the last N training steps in full detail, older ones as running aggregates "
+        "(trace(window=N); default: the trace's own)",
+    )
     run.add_argument("--quiet", action="store_true", help="do not print the report (files are still written)")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the script")
@@ -88,6 +95,16 @@ def _parser() -> argparse.ArgumentParser:
         help=f"replace the table between {CODES_START!r} and {CODES_END!r} in PATH (e.g. README.md)",
     )
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps, at least 1: {text!r}")
+    return value
 
 
 CODES_START, CODES_END = "<!-- codes:start -->", "<!-- codes:end -->"
@@ -121,6 +138,7 @@ def run_script(
     detect: str | Sequence[str] = "default",
     decompose: bool | str = False,
     on_finding: str = "record",
+    window: int | None = None,
 ) -> tuple[Trace, BaseException | None]:
     """Run ``script`` as ``__main__`` under a trace; write the report/files; return the trace and any error.
 
@@ -136,7 +154,8 @@ def run_script(
         raise FileNotFoundError(f"gradprobe run: no script at {where}{hint}; usage: gradprobe run train.py [args]")
     with open(script, "rb") as fh:
         compile(fh.read(), script, "exec")  # a SyntaxError now, before an empty report
-    tracer = Trace((), keep=keep, on_finding=on_finding, detect=detect, decompose=decompose)  # type: ignore[arg-type]
+    options: dict[str, object] = {"window": window} if window is not None else {}
+    tracer = Trace((), keep=keep, on_finding=on_finding, detect=detect, decompose=decompose, **options)  # type: ignore[arg-type]
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
     sys.argv = [script, *args]
     folder = os.path.dirname(os.path.abspath(script))
@@ -231,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             detect=detect,
             decompose=decompose,
             on_finding=options.on_finding,
+            window=options.window,
         )
     except FileNotFoundError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)

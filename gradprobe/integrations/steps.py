@@ -29,6 +29,8 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
+from gradprobe.integrations.live import LiveStatus
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -51,6 +53,7 @@ class RunTracer:
         plugins: tuple[Any, ...] = (),
         disable: tuple[str, ...] = (),
         window: int | None = None,
+        live: bool = False,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"GradProbeCallback(every_n_steps=...) must be an integer of at least 1, got {every_n_steps!r}")
@@ -64,6 +67,8 @@ class RunTracer:
         self.plugins = plugins
         self.disable = disable
         self.window = window
+        self.live = live
+        self.status: LiveStatus | None = None  # the live line of the current run (NOTE [live status])
         self.trace: Trace | None = None  # the run's trace: active during the run, done after it
         self.findings: list[tuple[int, Finding]] = []  # (step, finding) over the whole run
         self.reports = 0
@@ -87,6 +92,7 @@ class RunTracer:
             console=self.console, **options,
         )
         self.trace, self.step, self._seen, self._reported_at = trace, None, 0, None
+        self.status = LiveStatus(self.console) if self.live else None
         trace.__enter__()
 
     def step_end(self, step: int) -> None:
@@ -99,6 +105,8 @@ class RunTracer:
         # with gradient accumulation the framework's step stays the same for several batches: one report
         if step > 0 and step % self.every_n_steps == 0 and step != self._reported_at:
             self._report(trace, f"step {step}")
+        if self.status is not None:
+            self.status.update(step)
 
     def finish(self, exc: BaseException | None = None) -> None:
         """Exit the run's trace (if open), log what is new and print the report of the run.
@@ -109,6 +117,8 @@ class RunTracer:
         trace = self.trace
         if trace is None or not trace.active:
             return
+        if self.status is not None:
+            self.status.stop()
         try:
             trace.__exit__(type(exc) if exc is not None else None, exc, exc.__traceback__ if exc is not None else None)
         finally:
@@ -121,6 +131,8 @@ class RunTracer:
     def abandon(self) -> None:
         """Exit the run's trace without logging or printing (the callback was freed or the process exits)."""
         trace = self.trace
+        if self.status is not None:
+            self.status.stop()
         if trace is None or not trace.active:
             return
         try:
@@ -136,6 +148,8 @@ class RunTracer:
             for finding in found[self._seen :]:
                 self.findings.append((step, finding))
                 self._say(f"gradprobe {when}: {finding.format()}")
+            if self.status is not None:
+                self.status.add_findings(found[self._seen :])
             self._seen = len(found)
         return max(new, 0)
 
@@ -144,6 +158,8 @@ class RunTracer:
         self._reported_at = self.step
         if self.log is not None:
             self.log(f"gradprobe report, {when}")
+        if self.status is not None:
+            self.status.stop()  # the report goes where the line was; the next step end draws it again
         console = self._console()
         console.print(f"[bold]gradprobe · {when}[/bold]")
         trace.report(console)
@@ -173,6 +189,8 @@ class StepCallback:
         plugins, disable: passed to the run's trace.
         window: ``trace(window=...)``: how many recent steps the trace keeps in full detail (default:
             the trace's own default).
+        live: show a one-line status (step, steps/s, top findings) while training runs, updated at
+            step ends, at most a few times a second, and only when ``console`` is a terminal.
     """
 
     def __init__(
@@ -186,9 +204,12 @@ class StepCallback:
         plugins: tuple[Any, ...] = (),
         disable: tuple[str, ...] = (),
         window: int | None = None,
+        live: bool = False,
     ) -> None:
         super().__init__()
-        self._steps = RunTracer(every_n_steps, keep, on_finding, console, log, tuple(plugins), tuple(disable), window)
+        self._steps = RunTracer(
+            every_n_steps, keep, on_finding, console, log, tuple(plugins), tuple(disable), window, live
+        )
         # NOTE [one trace per run]: a freed callback (or the interpreter's exit) ends an open run's trace
         weakref.finalize(self, self._steps.abandon)
 
