@@ -1,4 +1,4 @@
-"""Hugging Face Trainer: GradProbeCallback traces every optimizer step of a tiny, locally built BERT.
+"""Hugging Face Trainer: GradProbeCallback traces the run of a tiny, locally built BERT under one trace.
 
     pip install 'gradprobe[transformers]'
     python examples/hf_trainer_callback.py

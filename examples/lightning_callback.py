@@ -1,4 +1,4 @@
-"""PyTorch Lightning: GradProbeCallback traces every training step and prints the report every N steps.
+"""PyTorch Lightning: GradProbeCallback traces the whole run under one trace and prints the report every N steps.
 
     pip install 'gradprobe[lightning]'
     python examples/lightning_callback.py

@@ -484,3 +484,23 @@ def test_callbacks_reject_bad_options() -> None:
         RunTracer(0)
     with pytest.raises(ValueError, match="window"):
         RunTracer(5, window=0)
+
+
+def test_new_findings_are_handed_out_once_also_when_the_trace_forgets_old_ones() -> None:
+    """The trace may replace its finding list by a shorter one (old repeats forgotten): nothing is logged twice or lost."""
+    from gradprobe.findings import Finding
+    from gradprobe.integrations.steps import NewFindings
+
+    make = lambda i: Finding(f"GP9{i:02d}", "demo", "warning", f"finding {i}")  # noqa: E731
+    trace = types.SimpleNamespace(_findings=[make(0), make(1)])
+    new = NewFindings()
+    assert [f.message for f in new(trace)] == ["finding 0", "finding 1"]  # type: ignore[arg-type]
+    assert new(trace) == []  # type: ignore[arg-type]
+    trace._findings.append(make(2))
+    assert [f.message for f in new(trace)] == ["finding 2"]  # type: ignore[arg-type]
+    kept = [trace._findings[0], trace._findings[2]]
+    trace._findings = kept + [make(3)]  # forgot finding 1, then found finding 3
+    assert [f.message for f in new(trace)] == ["finding 3"]  # type: ignore[arg-type]
+    trace._findings.append(make(4))
+    assert [f.message for f in new(trace)] == ["finding 4"]  # type: ignore[arg-type]
+    assert new(types.SimpleNamespace(_findings=list(trace._findings))) == []  # type: ignore[arg-type]

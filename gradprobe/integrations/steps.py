@@ -37,7 +37,35 @@ if TYPE_CHECKING:
     from gradprobe.api.trace import Keep, Policy, Trace
     from gradprobe.findings import Finding
 
-__all__ = ["RunTracer", "StepCallback"]
+__all__ = ["NewFindings", "RunTracer", "StepCallback"]
+
+
+class NewFindings:
+    """The findings a trace added since the last call, each exactly once, at O(new findings) a call.
+
+    A long run's trace forgets old repeats of a finding (it keeps the first of each code and line and
+    the recent ones) by replacing its list; then, and only then, the list is walked once to see which
+    of the kept findings were already handed out (by identity).
+    """
+
+    def __init__(self) -> None:
+        self._list: list[Finding] | None = None
+        self._seen = 0
+        self._given: dict[int, Finding] = {}  # id -> finding, for the findings handed out and still in the list
+
+    def __call__(self, trace: Trace) -> list[Finding]:
+        found = trace._findings  # the trace's own list: no copy per step
+        if found is self._list:
+            new = found[self._seen :]
+        else:  # a new trace, or the trace forgot old findings: keep what is still there, hand out the rest
+            given = self._given
+            self._given = {id(f): f for f in found if given.get(id(f)) is f}
+            new = [f for f in found if id(f) not in self._given]
+            self._list = found
+        self._seen = len(found)
+        for finding in new:
+            self._given[id(finding)] = finding
+        return new
 
 
 class RunTracer:
@@ -73,7 +101,7 @@ class RunTracer:
         self.findings: list[tuple[int, Finding]] = []  # (step, finding) over the whole run
         self.reports = 0
         self.step: int | None = None  # the framework's step number at the last step end
-        self._seen = 0  # how many of the trace's findings were logged
+        self._new = NewFindings()
         self._reported_at: int | None = None  # the step of the last report
 
     @property
@@ -91,7 +119,7 @@ class RunTracer:
             (model,), keep=self.keep, on_finding=self.on_finding, plugins=self.plugins, disable=self.disable,
             console=self.console, **options,
         )
-        self.trace, self.step, self._seen, self._reported_at = trace, None, 0, None
+        self.trace, self.step, self._new, self._reported_at = trace, None, NewFindings(), None
         self.status = LiveStatus(self.console) if self.live else None
         trace.__enter__()
 
@@ -141,17 +169,15 @@ class RunTracer:
             pass
 
     def _log_new(self, trace: Trace, when: str) -> int:
-        found = trace._findings  # the trace's own list: no copy per step
-        new = len(found) - self._seen
-        if new > 0:
+        new = self._new(trace)
+        if new:
             step = self.step if self.step is not None else 0
-            for finding in found[self._seen :]:
+            for finding in new:
                 self.findings.append((step, finding))
                 self._say(f"gradprobe {when}: {finding.format()}")
             if self.status is not None:
-                self.status.add_findings(found[self._seen :])
-            self._seen = len(found)
-        return max(new, 0)
+                self.status.add_findings(new)
+        return len(new)
 
     def _report(self, trace: Trace, when: str) -> None:
         self.reports += 1
