@@ -55,6 +55,7 @@ class Finding:
         fix: the concrete change, in the user's terms.
         plugin: the name of the plugin that produced it.
         data: extra JSON-safe details for tools.
+        step: the training step it was found in (set by the trace when it is emitted, if not given).
     """
 
     code: str
@@ -66,6 +67,7 @@ class Finding:
     fix: str = ""
     plugin: str = ""
     data: dict[str, Any] = field(default_factory=dict, compare=False)
+    step: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.severity not in _SEVERITIES:
@@ -76,7 +78,7 @@ class Finding:
     def format(self) -> str:
         """Plain-text form: ``file:line: CODE message (fix: ...)``."""
         where = f"{self.site}: " if self.site else ""
-        text = f"{where}{self.code} [{self.severity}] {self.message}"
+        text = f"{where}{self.code} [{self.severity}] {self.message}"  # no step: warnings dedupe on the text
         if self.fix:
             text += f" Fix: {self.fix}"
         return text
@@ -92,4 +94,5 @@ class Finding:
             "fix": self.fix,
             "plugin": self.plugin,
             "data": self.data,
+            "step": self.step,
         }

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from gradprobe.ledger.ledger import EpochStart, Leaf, Ledger, LeafState
     from gradprobe.ledger.records import StatRef
 
-__all__ = ["CarriedIn", "LeafBreakdown", "Part", "compute_breakdown"]
+__all__ = ["CarriedIn", "LeafBreakdown", "Part", "compute_breakdown", "stats_shares"]
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def compute_breakdown(ledger: Ledger, finals: list[FinalGrad]) -> list[LeafBreak
     tickets = []
     for state, final in zip(ledger.leaves, finals):
         part_t = [(values.ticket(p.norm_ref), values.ticket(p.absmax_ref), values.ticket(p.dot_before)) for p in state.parts]
-        epoch_t = [values.ticket(e.norm) for e in state.epochs]
+        epoch_t = {e.epoch: values.ticket(e.norm) for e in state.epochs}
         final_t = values.ticket(final.norm)
         local_t = values.ticket(final.reduced.local_norm if final.reduced is not None else None)
         dots_t = {k: values.ticket(v) for k, v in final.dots.items()}
@@ -161,7 +161,7 @@ def _assemble(
     final: FinalGrad,
     values: _Values,
     part_t: list[tuple[int, int, int]],
-    epoch_t: list[int],
+    epoch_t: dict[int, int],
     final_t: int,
     local_t: int,
     dots_t: dict[int, int],
@@ -176,7 +176,7 @@ def _assemble(
     in_final = {i for i, _ in last_epoch_parts(state)} if final.present and final.continuous else set()
     note = ""
     carried: CarriedIn | None = None
-    start: EpochStart | None = state.epochs[last] if last >= 0 else None
+    start: EpochStart | None = state.epochs[-1] if last >= 0 and state.epochs else None
     carried_norm = values[epoch_t[last]] if start is not None else None
 
     # Norm of .grad just before each part (telescoped within its epoch), for the cosine.
@@ -187,7 +187,8 @@ def _assemble(
             before_norm.append(None)  # an autograd.grad part: .grad never held it
             continue
         sq = running.get(part.epoch, 0.0)
-        before_norm.append(None if d is None else math.sqrt(max(sq, 0.0)))
+        known = d is not None and part.epoch != state.folded  # a partly folded epoch lost its first parts
+        before_norm.append(math.sqrt(max(sq, 0.0)) if known else None)
         running[part.epoch] = sq + 2.0 * (d or 0.0) + n * n
 
     shares: dict[int, float | None] = {}
@@ -199,7 +200,7 @@ def _assemble(
                 shares = {i: (values[dots_t[i]] or 0.0) / g2 for i in in_final}
                 carried_share = (values[dots_t[-1]] or 0.0) / g2 if -1 in dots_t else None
         else:
-            shares, carried_share, note = _stats_shares(sorted(in_final), norms, dots, carried_norm)
+            shares, carried_share, note = stats_shares(sorted(in_final), norms, dots, carried_norm)
     if start is not None and start.norm is not None and in_final:
         carried = CarriedIn(carried_norm or 0.0, carried_share, start.reason)  # type: ignore[arg-type]
 
@@ -209,6 +210,10 @@ def _assemble(
     elif not final.present:
         if state.parts:
             note = ".grad was reset to None after the last recorded part"
+    elif state.folded >= 0 and state.folded == last:
+        in_final = set()  # some of the epoch's parts are folded into the run's aggregates: no Σ check
+        shares, carried = {}, None
+        note = ".grad kept accumulating over more steps than trace(window=...) keeps in full; older parts are in the run summary"
     elif not state.parts:
         note = ".grad was set before the trace or outside any recorded backward"
     elif not final.continuous:
@@ -247,7 +252,7 @@ def _assemble(
     return LeafBreakdown(state.leaf, tuple(parts), carried, grad_norm, grad_finite, check, note, local_norm, world)
 
 
-def _stats_shares(
+def stats_shares(
     in_final: list[int], norms: list[float], dots: list[float | None], carried_norm: float | None
 ) -> tuple[dict[int, float | None], float | None, str]:
     """Exact projection shares from stats alone, when .grad is the sum of at most two things."""

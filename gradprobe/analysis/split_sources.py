@@ -97,7 +97,7 @@ def per_backward_split(trace: Trace) -> Split | None:
         )
     if carried:
         notes.append(f"{carried} lea{'ves' if carried != 1 else 'f'}: .grad also holds a value carried in from before; not split")
-    records = trace.records
+    records = trace._ledger.records
     names = [records[r].name for r in order]
     dupes = {n for n in names if names.count(n) > 1}
     names = [f"{n}#{r}" if n in dupes else n for n, r in zip(names, order)]

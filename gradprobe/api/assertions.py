@@ -209,9 +209,15 @@ class TraceAssertions:
         if isinstance(loss, bool) or not isinstance(loss, (str, int)):
             raise TypeError(f"assert_share(loss=...) takes a backward call's name or index, got {type(loss).__name__}")
         if isinstance(loss, int):
-            if not -len(records) <= loss < len(records):
-                raise ValueError(f"assert_share(): no backward call #{loss}; the trace recorded {len(records)}")
-            chosen = [records[loss]]
+            log = self._ledger.records
+            found = log.get(loss) if loss >= 0 else (log[loss] if -len(records) <= loss else None)
+            if found is None:
+                kept = f"#{records[0].index}–#{records[-1].index}" if records else "none"
+                raise ValueError(
+                    f"assert_share(): no backward call #{loss} is kept; the trace recorded {len(log)} "
+                    f"(kept in full: {kept})"
+                )
+            chosen = [found]
         else:
             chosen = [r for r in records if r.name == loss]
             if not chosen:

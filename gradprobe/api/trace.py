@@ -21,6 +21,7 @@ import torch
 from gradprobe.analysis.breakdown import LeafBreakdown, compute_breakdown
 from gradprobe.analysis.finals import FinalGrad, snapshot_final
 from gradprobe.analysis.decompose_plugin import parse_decompose
+from gradprobe.analysis.run import RunAggregates, fold_window
 from gradprobe.api.assertions import TraceAssertions
 from gradprobe.api.lifecycle import TraceLifecycle
 from gradprobe.api.views import TraceViews
@@ -55,6 +56,8 @@ def trace(
     console: Console | None = None,
     detect: str | Iterable[str] = "default",
     decompose: bool | str = False,
+    window: int | None = 16,
+    every: int = 1,
 ) -> Trace:
     """Record every backward call's exact contribution to the gradients of ``targets``.
 
@@ -76,6 +79,13 @@ def trace(
             the part each component loss adds: ``True``, ``False`` or ``"every:N"`` (every N-th backward).
             Components are losses named with :meth:`Trace.name` / :meth:`Trace.losses` and the outputs of
             ``torch.nn.functional`` losses called inside the trace. See :meth:`Trace.splits`.
+        window: how many recent training steps are kept in full (every part of every backward call).
+            Older steps are folded into the run's aggregates (per leaf, module and loss: counts,
+            mean/max of norm and share, conflicts, first and last step), so memory does not grow with
+            the number of steps. A step ends at ``optimizer.step()`` (or ``GradScaler.step``, or
+            :meth:`Trace.step`). ``None`` keeps everything.
+        every: measure the parts of every N-th step only (steps 0, N, 2N, ...); backward calls of the
+            other steps are still seen by the detectors. The run report says which steps were measured.
 
     Example::
 
@@ -94,6 +104,8 @@ def trace(
         console=console,
         detect=detect,
         decompose=decompose,
+        window=window,
+        every=every,
     )
 
 
@@ -112,6 +124,8 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
         console: Console | None = None,
         detect: str | Iterable[str] = "default",
         decompose: bool | str = False,
+        window: int | None = 16,
+        every: int = 1,
         _frame_depth: int = 2,
     ) -> None:
         if keep not in ("stats", "tensors"):
@@ -119,6 +133,17 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
         if on_finding not in ("warn", "raise", "record"):
             raise ValueError(f"trace(on_finding=...) must be 'warn', 'raise' or 'record', got {on_finding!r}")
         parse_decompose(decompose)  # validates
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(
+                f"trace(window=...) is the number of recent steps kept in full: a positive int, or None to "
+                f"keep every step; got {window!r}"
+            )
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"trace(every=...) measures every N-th step: a positive int (1: every step), got {every!r}")
+        self.window = window
+        self.every = every
+        self._run = RunAggregates()  # NOTE [window] in analysis/run.py
+        self._finding_counts: dict[tuple[str, Any], list[int]] = {}  # (code, site) -> [count, first, last step]
         self.keep: Keep = keep
         self.decompose = decompose
         self.on_finding: Policy = on_finding
@@ -129,6 +154,8 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
         self._cache: list[LeafBreakdown] | None = None  # the breakdown, once the trace is done
         self._recorder = recorder = Recorder(keep, self)
         recorder.every_leaf = not targets
+        recorder.every = every
+        recorder.steps.on_end("window", _end_of_step)
         frame = user_frame(_frame_depth)
         with gc_paused():  # NOTE [no collections while hooking] in capture/lifecycle.py
             for tensor, name, module in resolve_targets(targets, frame, recorder.serial):
@@ -194,6 +221,38 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
     def plugin_names(self) -> list[str]:
         return self._plugins.names
 
+    @property
+    def current_step(self) -> int:
+        """The training step running now, counted from 0 (the number of steps that have ended)."""
+        return self._recorder.steps.count
+
+    def step(self) -> None:
+        """End the current training step by hand (code without ``optimizer.step()``; NOTE [steps]).
+
+        Steps end by themselves at every ``optimizer.step()``; call this only where no optimizer
+        steps, so that the report, ``window`` and ``every`` count your steps.
+        """
+        if self._recorder.state != "active":
+            raise GradProbeError(
+                f"Trace.step() ends a training step of an active trace; this one is {self._recorder.state} "
+                "(call it inside the `with gradprobe.trace(...)` block)"
+            )
+        self._recorder.steps.end("manual")
+
+    def run(self) -> RunAggregates:
+        """The run so far: the folded steps' aggregates plus the steps still kept in full.
+
+        Per loss (a backward call's line), per (leaf, loss) and per (module, loss): how often, mean and
+        max norm and share, conflicts, first and last step; per module a bounded trend of share and
+        ‖.grad‖. See NOTE [window] in :mod:`gradprobe.analysis.run`.
+        """
+        with torch._C.DisableTorchFunction():
+            return self._run.snapshot(self._ledger)
+
+    def finding_counts(self) -> dict[tuple[str, Any], tuple[int, int, int]]:
+        """Per (code, site): how many times it was found, and its first and last step."""
+        return {k: (v[0], v[1], v[2]) for k, v in self._finding_counts.items()}
+
     def name(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """Name a loss (or a leaf) for the report; returns ``tensor`` so it can wrap an expression."""
         if not isinstance(tensor, torch.Tensor):
@@ -256,6 +315,16 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
             self.emit(finding)
 
     def _add_finding(self, finding: Finding, policy: Policy) -> None:
+        step = self._recorder.steps.count
+        if finding.step is None:
+            object.__setattr__(finding, "step", step)  # frozen for users; plugins keep the same object (revise)
+        key = (finding.code, finding.site)
+        seen = self._finding_counts.get(key)
+        if seen is None:
+            self._finding_counts[key] = [1, finding.step, finding.step]
+        else:
+            seen[0] += 1
+            seen[2] = finding.step  # type: ignore[assignment]
         self._findings.append(finding)
         if policy == "raise" and finding.severity == "error":
             raise GradProbeError(finding.format(), finding)
@@ -270,8 +339,32 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
         """Run gradprobe's own autograd calls (e.g. decomposition) without recording them."""
         return self._recorder.muting()
 
+    def _forget_findings(self, before_step: int) -> None:
+        """Keep the first finding of each (code, site) and those of steps from ``before_step`` on (NOTE [window])."""
+        first: set[tuple[str, Any]] = set()
+        kept = []
+        for f in self._findings:
+            key = (f.code, f.site)
+            if key not in first:
+                first.add(key)
+                kept.append(f)
+            elif f.step is None or f.step >= before_step:
+                kept.append(f)
+        self._findings = kept
+
     def __repr__(self) -> str:
         return (
             f"<gradprobe.Trace {self._recorder.state}: {len(self._ledger.records)} backward calls, "
             f"{len(self._ledger.leaves)} leaves, {len(self._findings)} findings>"
         )
+
+
+def _end_of_step(trace: Trace, event: Any) -> None:
+    """At every step end: fold the oldest steps when 2 × window are kept (NOTE [window] in analysis/run.py)."""
+    if trace.window is None:
+        return
+    ledger = trace._ledger
+    upto = fold_window(ledger, trace._run, trace._recorder.steps.count, trace.window)
+    if upto is not None:
+        trace._recorder.forget_before(upto)
+        trace._forget_findings(trace._run.folded_steps)

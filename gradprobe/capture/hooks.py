@@ -55,6 +55,9 @@ class LeafHooks:
             if record is None:  # NOTE [nested autograd.grad]
                 return
         if record.index in recorder._quiet_records:
+            if record.kind == "backward":  # an unmeasured step's backward (NOTE [sampling] in analysis/run.py)
+                with _no_torch_function():
+                    recorder.ledger.on_skipped(self.state)
             return
         state = self.state
         with _no_torch_function():

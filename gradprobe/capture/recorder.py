@@ -35,6 +35,7 @@ from gradprobe.capture.calls import BACKWARD_FUNCTIONS, describe_call
 from gradprobe.capture.hooks import LeafHookEntries, LeafHooks, engine_call
 from gradprobe.capture.intercept import Backward, Interceptor
 from gradprobe.capture.lifecycle import Removable, TensorHookSweep, enter_context, gc_paused, remove_all
+from gradprobe.capture.steps import ScalerUpdate, Steps
 from gradprobe.capture.sites import expression_at, name_in_frame, site_of, thread_name, user_frame, user_site
 from gradprobe.capture.targets import LeafNamer, leaves_of_graph, tensor_label
 from gradprobe.capture.transforms import (
@@ -91,6 +92,8 @@ class Recorder:
         self._flushing: set[int] = set()  # graph tasks with a flush callback queued
         self._unhooked: list[tuple[torch.Tensor, LeafState]] = []  # tracked before install()
         self._entries: LeafHookEntries | None = None  # NOTE [hook entries] in hooks.py
+        self.steps = Steps(self)  # NOTE [steps] in steps.py
+        self.every = 1  # measure the parts of every N-th step only (NOTE [sampling] in analysis/run.py)
 
     # -- names -------------------------------------------------------------------------------
 
@@ -133,6 +136,8 @@ class Recorder:
             with gc_paused():  # NOTE [no collections while hooking] in lifecycle.py
                 for tensor, state in unhooked:
                     self._hook(tensor, state)
+            self.steps.install()
+            self.mode.table[torch._amp_update_scale_] = ScalerUpdate(weakref.ref(self.steps))
             self.mode.watch_grad_reads = self.host.implemented("gradprobe_grad_read")
             self.mode.watch_writes = self.host.implemented("gradprobe_inplace_write")
             enter_context(self._handles, self.mode)
@@ -262,6 +267,9 @@ class Recorder:
         )
         if self.every_leaf:
             self._discover(call.roots + (call.inputs or ()), frame)
+        steps = self.steps
+        if not steps.explicit and len(self.ledger.records) > steps.first_record and self._grads_reset():
+            steps.end("grad_reset")  # NOTE [steps]: a hand-written loop reset .grad since the step began
         watching = self.mode.watch_writes or self.mode.watch_grad_reads
         if watching and COMPILED_CODE not in self.notices and has_compiled_node(call.roots):
             self.subject.notice_once(compiled_notice(site))
@@ -274,8 +282,9 @@ class Recorder:
             inputs=None if call.inputs is None else tuple(self._label(t, frame) for t in call.inputs),
             thread=thread_name(),
         )
-        if call.is_grads_batched:
-            self._quiet_records.add(record.index)  # hooks see vmapped gradients: not parts of .grad
+        if call.is_grads_batched or (self.every > 1 and record.step % self.every):
+            # vmapped gradients are not parts of .grad; an unmeasured step's parts are not measured
+            self._quiet_records.add(record.index)
         call = replace(call, index=record.index)
         stack = self._active.setdefault(threading.get_ident(), [])
         stack.append(record)
@@ -305,6 +314,22 @@ class Recorder:
             finally:
                 if collecting:
                     gc.enable()
+
+    def _grads_reset(self) -> bool:
+        """Whether the step's sentinel leaf lost the `.grad` its last part left (NOTE [steps] in steps.py)."""
+        state = self.ledger.sentinel
+        tensor = state.ref() if state is not None else None  # type: ignore[misc]
+        if state is None or tensor is None:
+            return False
+        grad = tensor.grad
+        if state.reduced is not None and state.reduced.holds(grad):
+            return False
+        after = state.after() if state.after is not None else None
+        return grad is None or grad is not after or grad._version != state.after_version
+
+    def forget_before(self, index: int) -> None:
+        """Records before ``index`` were folded away: drop what the recorder still knows of them."""
+        self._quiet_records = {i for i in self._quiet_records if i >= index}
 
     def _label(self, tensor: torch.Tensor, frame: Any) -> str:
         state = self.by_id.get(id(tensor))

@@ -39,7 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gradprobe.capture.sites import TORCH_DIR, _is_internal, frame_locals, site_of
-from gradprobe.detectors._steps import steps_of
+from gradprobe.capture.steps import steps_of
 from gradprobe.exceptions import GradProbeError
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl

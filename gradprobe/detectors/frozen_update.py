@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradprobe.capture.sites import frame_locals
-from gradprobe.detectors._steps import steps_of
+from gradprobe.capture.steps import steps_of
 from gradprobe.detectors.optimizer import held_params, optimizer_label
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from gradprobe.api.trace import Trace
-    from gradprobe.detectors._steps import StepEvent
+    from gradprobe.capture.steps import StepEvent
 
 __all__ = ["FrozenUpdate"]
 

@@ -29,7 +29,7 @@ import torch
 from gradprobe.capture.graph import iter_nodes, sequence_nr
 from gradprobe.capture.sites import Site, frame_locals
 from gradprobe.detectors._common import assignment_site, format_bytes, saved_bytes, user_frames
-from gradprobe.detectors._steps import steps_of
+from gradprobe.capture.steps import steps_of
 from gradprobe.findings import Finding
 from gradprobe.hookspecs import hookimpl
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from gradprobe.api.trace import Trace
-    from gradprobe.detectors._steps import StepEvent
+    from gradprobe.capture.steps import StepEvent
 
 __all__ = ["KeptGraph"]
 

@@ -183,7 +183,7 @@ class NonFiniteModules:
             # a tensor that is some module's input: that module (its consumer) turned a finite
             # gradient into a non-finite one; only an output: the gradient came in non-finite
             module, side = next(((m, s) for m, s in roles if s == "in"), roles[-1])
-            rec = trace.records[record] if record < len(trace.records) else None
+            rec = trace._ledger.records.get(record)
             loss = f"`{rec.name}`" if rec else "a backward"
             if side == "in":
                 message = (

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradprobe.capture.sites import name_in_frame
 from gradprobe.detectors._common import assignment_site
-from gradprobe.detectors._steps import steps_of
+from gradprobe.capture.steps import steps_of
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from gradprobe.api.trace import Trace
-    from gradprobe.detectors._steps import StepEvent
+    from gradprobe.capture.steps import StepEvent
     from gradprobe.findings import Site
 
 __all__ = ["OptimizerMismatch", "held_params", "optimizer_label"]

@@ -38,8 +38,8 @@ __all__ = ["StaleGrad"]
 def _last_accumulating(trace: Trace, parts: list[PartStats]) -> BackwardRecord | None:
     """The last record among ``parts`` that added to `.grad` (not a ``torch.autograd.grad`` call)."""
     for part in reversed(parts):
-        record = trace.records[part.record]
-        if record.accumulates:
+        record = trace._ledger.records.get(part.record)
+        if record is not None and record.accumulates:
             return record
     return None
 
@@ -114,7 +114,7 @@ class StaleGrad:
             for state in trace._ledger.leaves
             if state.epochs and facts.carried.get(state.leaf.index, 0.0) != 0.0
         ]
-        first = trace.records[min(opened)] if opened else None
+        first = trace._ledger.records.get(min(opened)) if opened else None
         return [
             Finding(
                 code="GP402",

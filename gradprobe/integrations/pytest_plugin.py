@@ -267,7 +267,8 @@ def _raised_sites(trace: Trace) -> set[Any]:
     """Lines of backward calls that raised inside the trace: a test that passed caught their error."""
     calls = trace._plugins.get_plugin("report.calls")
     raised = getattr(calls, "raised", {})
-    return {trace.records[i].site for i in raised if i < len(trace.records)}
+    records = trace._ledger.records
+    return {r.site for i in raised if (r := records.get(i)) is not None}
 
 
 def _attach(item: pytest.Item, traces: list[Trace]) -> None:

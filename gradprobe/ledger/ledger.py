@@ -41,14 +41,17 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from gradprobe.ledger.records import BackwardRecord, EpochStart, Leaf, PartStats, Reduced, StatBatch
 from gradprobe.ledger.stats import dot, foreach_norms, norms, stack_groups, stacked_norms
 
-__all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats", "Reduced"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["BackwardRecord", "Leaf", "Ledger", "LeafState", "PartStats", "RecordLog", "Reduced"]
 
 
 _STRIDED = torch.strided
@@ -89,16 +92,73 @@ def _measure(parts: list[PartStats], grads: list[torch.Tensor], dtype: torch.dty
             parts[i].norm, parts[i].absmax = norm, top
 
 
+class RecordLog:
+    """The records of one trace, addressed by their index; the oldest may be folded away (NOTE [window]
+    in analysis/run.py).
+
+    ``len()`` counts every record ever made (the next record's index); iteration yields the records
+    still kept, oldest first; ``log[i]`` is the record with index ``i`` (negative: from the newest).
+    """
+
+    __slots__ = ("_kept", "base")
+
+    def __init__(self) -> None:
+        self._kept: list[BackwardRecord] = []
+        self.base = 0  # index of the oldest record kept
+
+    def append(self, record: BackwardRecord) -> None:
+        self._kept.append(record)
+
+    def __len__(self) -> int:
+        return self.base + len(self._kept)
+
+    def __iter__(self) -> Iterator[BackwardRecord]:
+        return iter(self._kept)
+
+    def __getitem__(self, index: int) -> BackwardRecord:
+        if index < 0:
+            return self._kept[index]
+        if index < self.base:
+            raise IndexError(
+                f"gradprobe: backward record {index} was folded into the run's aggregates (records before "
+                f"{self.base} are no longer kept in full; see trace(window=...))"
+            )
+        return self._kept[index - self.base]
+
+    def get(self, index: int) -> BackwardRecord | None:
+        """The record with ``index``, or None when it was folded away or does not exist."""
+        i = index - self.base
+        return self._kept[i] if 0 <= i < len(self._kept) else None
+
+    @property
+    def kept(self) -> list[BackwardRecord]:
+        return self._kept
+
+    def drop_before(self, index: int) -> list[BackwardRecord]:
+        """Forget the records before ``index``; return them."""
+        cut = max(0, min(index - self.base, len(self._kept)))
+        dropped, self._kept = self._kept[:cut], self._kept[cut:]
+        self.base += cut
+        return dropped
+
+
 class LeafState:
     """Everything the ledger knows about one leaf; mutated only from its own hooks."""
 
-    __slots__ = ("leaf", "parts", "epochs", "after", "after_version", "reduced", "deferred", "ref")
+    __slots__ = (
+        "leaf", "parts", "epochs", "epoch_base", "folded", "skipped", "unmeasured", "after", "after_version", "reduced",
+        "deferred", "ref",
+    )
 
     def __init__(self, leaf: Leaf) -> None:
         self.leaf = leaf
         self.ref = leaf.ref
         self.parts: list[PartStats] = []
-        self.epochs: list[EpochStart] = []
+        self.epochs: list[EpochStart] = []  # the epochs still kept: numbers epoch_base, epoch_base + 1, ...
+        self.epoch_base = 0
+        self.folded = -1  # an epoch some of whose parts were folded away (NOTE [window] in analysis/run.py)
+        self.skipped = False  # a part of an unmeasured step is going into .grad (NOTE [sampling] in analysis/run.py)
+        self.unmeasured = False  # .grad holds unmeasured parts: the next epoch carries them in
         self.after: weakref.ReferenceType[torch.Tensor] | None = None  # .grad left by AccumulateGrad
         self.after_version = -1
         self.reduced: Reduced | None = None  # NOTE [all-reduced .grad]
@@ -106,7 +166,25 @@ class LeafState:
 
     @property
     def epoch(self) -> int:
-        return len(self.epochs) - 1
+        """The number of the current epoch (-1 before the first part)."""
+        return self.epoch_base + len(self.epochs) - 1
+
+    def drop_before(self, record: int) -> list[PartStats]:
+        """Forget the parts of records before ``record`` and the epochs no kept part needs; return the parts."""
+        parts = self.parts
+        if not parts or parts[0].record >= record:
+            return []
+        dropped = [p for p in parts if p.record < record]
+        self.parts = [p for p in parts if p.record >= record]
+        current = self.epoch
+        if any(p.epoch == current for p in dropped):
+            self.folded = current
+        first = self.parts[0].epoch if self.parts else current
+        cut = max(0, min(first, current) - self.epoch_base)
+        if cut:
+            del self.epochs[:cut]
+            self.epoch_base += cut
+        return dropped
 
 
 class Ledger:
@@ -115,15 +193,17 @@ class Ledger:
     def __init__(self, keep: Literal["stats", "tensors"]) -> None:
         self.keep = keep
         self.deferring = keep == "stats"
-        self.records: list[BackwardRecord] = []
+        self.records = RecordLog()
         self.leaves: list[LeafState] = []
+        self.step = 0  # the training step running now (NOTE [steps] in capture/steps.py)
+        self.sentinel: LeafState | None = None  # the first leaf given a part in this step
         self.lock = threading.RLock()  # reentrant: an unseen backward's record is added under it
         self.version = 0  # bumped on every change, so read-backs know when to refresh
         self.pending: list[LeafState] = []  # leaves with a deferred part (NOTE [deferred stats])
 
     def add_record(self, **fields: object) -> BackwardRecord:
         with self.lock:
-            record = BackwardRecord(index=len(self.records), **fields)  # type: ignore[arg-type]
+            record = BackwardRecord(index=len(self.records), step=self.step, **fields)  # type: ignore[arg-type]
             self.records.append(record)
             self.version += 1
         return record
@@ -153,15 +233,18 @@ class Ledger:
             self._settle(state)  # .grad still holds exactly that part: measure it before it changes
         accumulates = record.kind == "backward"
         if accumulates:
+            if self.sentinel is None:
+                self.sentinel = state
             tensor = state.ref()  # type: ignore[misc]
             before = tensor.grad if tensor is not None else None
             if before is None and self.deferring and _deferrable(tensor, grad):
                 epochs = state.epochs
+                state.unmeasured = False
                 if state.reduced is None:  # _maybe_new_epoch's answer when .grad is None and no all-reduce
-                    epochs.append(EpochStart(len(epochs), record.index, None, None, "reset" if epochs else "start"))
+                    epochs.append(EpochStart(state.epoch + 1, record.index, None, None, "reset" if epochs else "start"))
                 else:
                     self._maybe_new_epoch(state, record, None)
-                part = PartStats(record.index, len(epochs) - 1, None, None, None, False, False, True)
+                part = PartStats(record.index, state.epoch, None, None, None, False, False, True)
                 state.parts.append(part)
                 state.deferred = part
                 self.pending.append(state)
@@ -230,8 +313,19 @@ class Ledger:
             else:
                 part.norm, part.absmax = norms(grad)
 
+    def on_skipped(self, state: LeafState) -> None:
+        """A backward of an unmeasured step is about to add to the leaf's `.grad` (NOTE [sampling])."""
+        if state.deferred is not None:
+            self._settle(state)
+        state.skipped = True
+
     def on_accumulated(self, state: LeafState, grad: torch.Tensor | None) -> None:
         """Remember the `.grad` AccumulateGrad left (post-accumulate hook)."""
+        if state.skipped:  # .grad now holds an unmeasured part: the next measured one opens an epoch
+            state.skipped = False
+            state.unmeasured = True
+            state.after = None
+            return
         if grad is None:
             return
         state.after = weakref.ref(grad)
@@ -259,7 +353,7 @@ class Ledger:
                 assert before is not None
                 norm, _ = norms(before.detach())
                 kept = before.detach().clone() if self.keep == "tensors" else None
-                state.epochs.append(EpochStart(len(state.epochs), record.index, norm, kept, "allreduce"))
+                state.epochs.append(EpochStart(state.epoch + 1, record.index, norm, kept, "allreduce"))
                 return
             if before is not None:  # written after the all-reduce: the next checks treat it as modified
                 state.after = None
@@ -273,10 +367,12 @@ class Ledger:
         if continuing:
             return
         if before is None:
+            state.unmeasured = False
             reason = "start" if not state.epochs else "reset"
-            state.epochs.append(EpochStart(len(state.epochs), record.index, None, None, reason))  # type: ignore[arg-type]
+            state.epochs.append(EpochStart(state.epoch + 1, record.index, None, None, reason))  # type: ignore[arg-type]
             return
-        reason = "trace_start" if not state.epochs else "modified"
+        reason = "trace_start" if not state.epochs else ("unmeasured" if state.unmeasured else "modified")
+        state.unmeasured = False
         norm, _ = norms(before.detach())
         kept = before.detach().clone() if self.keep == "tensors" else None
-        state.epochs.append(EpochStart(len(state.epochs), record.index, norm, kept, reason))  # type: ignore[arg-type]
+        state.epochs.append(EpochStart(state.epoch + 1, record.index, norm, kept, reason))  # type: ignore[arg-type]

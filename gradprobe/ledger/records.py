@@ -37,6 +37,7 @@ class BackwardRecord:
         inputs: names of the tensors given as ``inputs=`` (None when not given).
         thread: name of the thread the call was made on.
         seen: False for a backward gradprobe learnt of from its hooks only (started on another thread).
+        step: the training step the call belongs to, counted from 0 (NOTE [steps] in capture/steps.py).
     """
 
     index: int
@@ -48,6 +49,7 @@ class BackwardRecord:
     inputs: tuple[str, ...] | None = None
     thread: str = "MainThread"
     seen: bool = True
+    step: int = 0
 
     @property
     def accumulates(self) -> bool:
@@ -64,6 +66,7 @@ class BackwardRecord:
             "inputs": list(self.inputs) if self.inputs is not None else None,
             "thread": self.thread,
             "seen": self.seen,
+            "step": self.step,
         }
 
 
@@ -209,4 +212,4 @@ class EpochStart:
     record: int  # the record whose part opened the epoch
     norm: torch.Tensor | None  # norm of the carried-in .grad (None: .grad was None)
     tensor: torch.Tensor | None  # keep="tensors": a copy of the carried-in .grad
-    reason: Literal["start", "trace_start", "reset", "modified", "allreduce"]
+    reason: Literal["start", "trace_start", "reset", "modified", "allreduce", "unmeasured"]
