@@ -49,9 +49,9 @@ def test_lightning_callback_traces_the_run(tmp_path: Path) -> None:
     assert rows["net.weight"].reached and rows["net.weight"].check is True
     assert not rows["unused.weight"].reached
     text = console.file.getvalue()  # type: ignore[attr-defined]
-    assert "gradprobe · step 2" in text and "Gradient breakdown" in text
-    assert lines.count("gradprobe report, step 2") == 1 and lines[-1] == "gradprobe report, end of run (after step 4)"
-    assert [line.split(":")[0] for line in lines if "GP503" in line] == ["gradprobe end of run (after step 4)"]
+    assert "gradprobe · step 1" in text and "Gradient breakdown" in text  # steps count from 0, as in the report
+    assert lines.count("gradprobe report, step 1") == 1 and lines[-1] == "gradprobe report, end of run (after step 3)"
+    assert [line.split(":")[0] for line in lines if "GP503" in line] == ["gradprobe end of run"]
 
 
 def test_lightning_callback_logs_findings_immediately(tmp_path: Path) -> None:
@@ -84,8 +84,8 @@ def test_lightning_callback_logs_findings_immediately(tmp_path: Path) -> None:
         enable_model_summary=False, callbacks=[callback], default_root_dir=tmp_path,
     )
     trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4))
-    assert [step for step, f in callback.findings] == [1, 2]
-    assert [line.split(":")[0] for line in lines if "GP999" in line] == ["gradprobe step 1", "gradprobe step 2"]
+    assert [step for step, f in callback.findings] == [0, 1]
+    assert [line.split(":")[0] for line in lines if "GP999" in line] == ["gradprobe step 0", "gradprobe step 1"]
     assert callback.reports == 1  # the end
 
 
@@ -128,11 +128,11 @@ def test_transformers_callback_traces_the_run(tmp_path: Path) -> None:
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Dataset(), callbacks=[callback])
     trainer.train()
     assert callback.reports == 2  # step 2 and the end
-    assert lines == ["gradprobe report, step 2", "gradprobe report, end of run (after step 3)"]
+    assert lines == ["gradprobe report, step 1", "gradprobe report, end of run (after step 2)"]
     run = callback.trace
     assert run is not None and not run.active and len(run.records) == 6  # 3 steps × 2 micro-batches
     text = console.file.getvalue()  # type: ignore[attr-defined]
-    assert "gradprobe · step 2" in text and "gradprobe · end of run (after step 3)" in text
+    assert "gradprobe · step 1" in text and "gradprobe · end of run (after step 2)" in text
 
 
 # -- one trace per run, with fake frameworks (Lightning and transformers are not installed here) ----------
@@ -343,9 +343,10 @@ def test_lightning_callback_keeps_one_trace_for_the_run(fake_lightning: Any, ent
     assert run is not None and not run.active and run._raised is None
     assert _left_installed(model) == []
     assert callback.reports == 3
-    assert _headers(console) == ["gradprobe · step 20", "gradprobe · step 40", "gradprobe · end of run (after step 50)"]
+    # the trainer's global steps 20 and 40 are the trace's steps 19 and 39 (the trace counts from 0, as its report)
+    assert _headers(console) == ["gradprobe · step 19", "gradprobe · step 39", "gradprobe · end of run (after step 49)"]
     assert [line for line in lines if line.startswith("gradprobe report")] == [
-        "gradprobe report, step 20", "gradprobe report, step 40", "gradprobe report, end of run (after step 50)",
+        "gradprobe report, step 19", "gradprobe report, step 39", "gradprobe report, end of run (after step 49)",
     ]
     assert "Gradient breakdown" in console.file.getvalue()  # type: ignore[attr-defined]
 
@@ -355,7 +356,7 @@ def test_no_second_report_when_the_last_step_was_just_reported(fake_lightning: A
     console = _console()
     callback = fake_lightning.GradProbeCallback(every_n_steps=20, console=console, log=[].append)
     FakeLightningTrainer([callback], max_steps=40).fit(_TwoHeads())
-    assert _headers(console) == ["gradprobe · step 20", "gradprobe · step 40"] and callback.reports == 2
+    assert _headers(console) == ["gradprobe · step 19", "gradprobe · step 39"] and callback.reports == 2
 
 
 class _FlagAt:
@@ -374,7 +375,7 @@ class _FlagAt:
 
 
 def test_lightning_findings_are_logged_when_their_step_ends(fake_lightning: Any) -> None:
-    """A finding in step 8 (the 8th optimizer step) is logged at that step's end, with its number, once."""
+    """A finding in step 7 (the 8th step, counted from 0) is logged at that step's end, with its number, once."""
     lines: list[str] = []
     seen_at: list[int] = []
     callback = fake_lightning.GradProbeCallback(every_n_steps=100, console=_console(), log=lines.append, plugins=(_FlagAt,))
@@ -388,8 +389,8 @@ def test_lightning_findings_are_logged_when_their_step_ends(fake_lightning: Any)
     assert seen_at == [8]
     found = [line for line in lines if "GP999" in line]
     assert found == [line for line in lines if line.startswith("gradprobe step")] and len(found) == 1
-    assert found[0].startswith("gradprobe step 8: ") and "saw backward call 8" in found[0]
-    assert [(step, f.code) for step, f in callback.findings] == [(8, "GP999")]
+    assert found[0].startswith("gradprobe step 7: ") and "saw backward call 8" in found[0]
+    assert [(step, f.code) for step, f in callback.findings] == [(7, "GP999")]
 
 
 @pytest.mark.parametrize("fail", [_Boom, KeyboardInterrupt])
@@ -402,7 +403,7 @@ def test_lightning_exception_ends_the_trace(fake_lightning: Any, fail: type[Base
         FakeLightningTrainer([callback], max_steps=50, fail_at=7, fail=fail).fit(model)
     assert _left_installed(model) == []
     assert callback.trace is not None and not callback.trace.active and callback.trace._raised == fail.__name__
-    assert _headers(console) == ["gradprobe · step 5", f"gradprobe · end of run (after step 7, stopped by {fail.__name__})"]
+    assert _headers(console) == ["gradprobe · step 4", f"gradprobe · end of run (after step 6, stopped by {fail.__name__})"]
 
 
 def test_a_freed_callback_takes_its_trace_off(fake_lightning: Any) -> None:
@@ -450,7 +451,7 @@ def test_hf_callback_keeps_one_trace_for_the_run(fake_transformers: Any, entered
     assert len(entered) == 1 and entered[0] is callback.trace
     assert {id(t) for t, _ in trainer.traces} == {id(callback.trace)} and all(active for _, active in trainer.traces)
     assert _left_installed(model) == []
-    assert _headers(console) == ["gradprobe · step 20", "gradprobe · step 40", "gradprobe · end of run (after step 50)"]
+    assert _headers(console) == ["gradprobe · step 19", "gradprobe · step 39", "gradprobe · end of run (after step 49)"]
 
 
 def test_hf_exception_is_ended_by_close_or_by_freeing_the_callback(fake_transformers: Any) -> None:
@@ -465,7 +466,7 @@ def test_hf_exception_is_ended_by_close_or_by_freeing_the_callback(fake_transfor
             assert callback.trace is not None and callback.trace.active  # open: nothing told the callback
             callback.close()
     assert _left_installed(model) == []
-    assert _headers(console)[-1] == "gradprobe · end of run (after step 3)"
+    assert _headers(console)[-1] == "gradprobe · end of run (after step 2)"
 
     callback = fake_transformers.GradProbeCallback(every_n_steps=2, console=_console(), log=[].append)
     with pytest.raises(_Boom):
@@ -504,3 +505,43 @@ def test_new_findings_are_handed_out_once_also_when_the_trace_forgets_old_ones()
     trace._findings.append(make(4))
     assert [f.message for f in new(trace)] == ["finding 4"]  # type: ignore[arg-type]
     assert new(types.SimpleNamespace(_findings=list(trace._findings))) == []  # type: ignore[arg-type]
+
+
+class _HandSGD:
+    """An optimizer that is not a ``torch.optim.Optimizer`` (torch's optimizer-step hooks never see it)."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        self.params, self.lr = list(params), lr
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p -= self.lr * p.grad
+
+
+def test_steps_end_with_the_framework_when_no_torch_optimizer_steps(fake_lightning: Any) -> None:
+    """The trainer stepped but no torch optimizer did: the callback ends the trace's step, so steps still count."""
+    callback = fake_lightning.GradProbeCallback(every_n_steps=5, console=_console(), log=[].append)
+    model = _TwoHeads()
+    model.configure_optimizers = lambda: _HandSGD(model.parameters(), 0.05)  # type: ignore[method-assign]
+    FakeLightningTrainer([callback], max_steps=10).fit(model)
+    run = callback.trace
+    assert run is not None and run.current_step == 10
+    assert [r.step for r in run.records][-2:] == [8, 9]
+
+
+def test_window_is_passed_to_the_run_trace(fake_lightning: Any) -> None:
+    """``window=4``: the run's trace keeps at most 2 × 4 steps of records, whatever the run's length."""
+    callback = fake_lightning.GradProbeCallback(every_n_steps=100, console=_console(), log=[].append, window=4)
+    FakeLightningTrainer([callback], max_steps=50).fit(_TwoHeads())
+    run = callback.trace
+    assert run is not None and run.window == 4 and run.current_step == 50
+    assert 4 <= len(run.records) <= 8 and run.records[-1].step == 49
+    default = fake_lightning.GradProbeCallback(every_n_steps=100, console=_console(), log=[].append)
+    FakeLightningTrainer([default], max_steps=1).fit(_TwoHeads())
+    assert default.trace is not None and default.trace.window == gradprobe.trace().window  # the trace's default

@@ -114,5 +114,5 @@ def test_callback_live_option(terminal: bool) -> None:
     assert status is not None and status._live is None  # taken off at the end
     assert (status.updates >= 1) is terminal
     text = console.file.getvalue()  # type: ignore[attr-defined]
-    assert ("gradprobe · step 1 · no findings" in text) is terminal
-    assert "gradprobe · step 10" in text and "gradprobe · step 30" in text  # the reports' headers
+    assert ("gradprobe · step 0 · no findings" in text) is terminal
+    assert "gradprobe · step 9\n" in text and "gradprobe · step 29\n" in text  # the reports' headers

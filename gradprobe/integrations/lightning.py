@@ -9,8 +9,9 @@ Example::
 One trace of the LightningModule is entered at ``on_train_start`` and exited at ``on_train_end`` (or at
 ``on_exception``, also for a KeyboardInterrupt); the trace ends a step at each ``optimizer.step()``
 (NOTE [one trace per run] in ``gradprobe/integrations/steps.py``). Findings are logged at the
-``on_train_batch_end`` of the batch they appear in, with the trainer's global step; the full report
-every ``every_n_steps`` optimizer steps and at the end. ``callback.trace`` is the run's trace,
+``on_train_batch_end`` of the batch they appear in, with the trace's step number (counted from 0, as in
+the report); the full report when the trainer's ``global_step`` is a multiple of ``every_n_steps``, and
+at the end. ``callback.trace`` is the run's trace,
 ``callback.findings`` every finding of the run as ``(step, finding)``.
 """
 
@@ -42,7 +43,7 @@ class GradProbeCallback(StepCallback, Callback):  # type: ignore[misc]
     """
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._steps.start(pl_module)
+        self._steps.start(pl_module, int(trainer.global_step))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._steps.step_end(int(trainer.global_step))

@@ -4,13 +4,19 @@
 # The callbacks enter one `Trace(model, on_finding="record")` when training starts (Lightning
 # `on_train_start`, Hugging Face `on_train_begin`) and exit it when training ends, so the trace sees
 # every step of the run: the per-trace set-up (hooks on every parameter, the plugin table) is paid
-# once, and the report can speak about the run, not about one step. Steps end by themselves: the
-# trace core ends a step at every `optimizer.step()` (global optimizer-step hooks), so the callbacks
-# do nothing to open or close a step. At the framework's end-of-step event they only look at what
-# is new: findings are logged as soon as the step they appear in ends ("gradprobe step N: ..."),
-# and the full report is printed every `every_n_steps` steps (`t.report()` while the trace is
-# active) and once more at the end. Findings are recorded, never raised, unless asked: a callback
-# must not stop a training run that PyTorch itself would let finish.
+# once, memory stays bounded by the trace's `window`, and the report speaks about the run, not about
+# one step. Steps end by themselves: the trace core ends a step at every `optimizer.step()` (NOTE
+# [steps] in capture/steps.py), so the callbacks do nothing to open or close one. At the
+# framework's end-of-step event (Lightning `on_train_batch_end`, HF `on_optimizer_step`: both after
+# the optimizer step, before the next `zero_grad`) they only look at what is new: findings are
+# logged at once with the step they were found in ("gradprobe step 7: ..."), and the full report
+# (`t.report()` while the trace is active) is printed when the framework's step count is a multiple
+# of `every_n_steps`, and once more at the end unless nothing changed since the last one. Step
+# numbers are the trace's (from 0, as in the report and `to_dict()`), not the framework's (which
+# counts steps done, and goes on from a checkpoint). When the framework's count went up but the
+# trace saw no optimizer step (an optimizer that is not a `torch.optim.Optimizer`), the callback
+# ends the trace's step itself (`t.step()`). Findings are recorded, never raised, unless asked: a
+# callback must not stop a training run that PyTorch itself would let finish.
 #
 # Per step the callbacks cost a few attribute reads and one length check of the trace's finding
 # list: nothing per parameter (the trace's own hooks are the per-parameter work).
@@ -69,7 +75,13 @@ class NewFindings:
 
 
 class RunTracer:
-    """The run's trace: entered at train start, exited at train end; logs findings and reports at step ends."""
+    """The run's trace: entered at train start, exited at train end; logs findings and reports at step ends.
+
+    Step numbers are the trace's (counted from 0, as in the report and ``to_dict()``); the framework's
+    own step count only decides when to report (every ``every_n_steps``) and, when the framework
+    stepped but no optimizer step reached the trace, ends the trace's step by hand (NOTE [one trace
+    per run]).
+    """
 
     def __init__(
         self,
@@ -98,43 +110,60 @@ class RunTracer:
         self.live = live
         self.status: LiveStatus | None = None  # the live line of the current run (NOTE [live status])
         self.trace: Trace | None = None  # the run's trace: active during the run, done after it
-        self.findings: list[tuple[int, Finding]] = []  # (step, finding) over the whole run
         self.reports = 0
-        self.step: int | None = None  # the framework's step number at the last step end
         self._new = NewFindings()
-        self._reported_at: int | None = None  # the step of the last report
+        self._framework_step = 0  # the framework's step count at the last step end (or at the start)
+        self._trace_steps = 0  # the trace's step count at the last step end
+        self._reported_at: int | None = None  # the trace's step count at the last report
 
     @property
     def running(self) -> bool:
         """Whether the run's trace is open."""
         return self.trace is not None and self.trace.active
 
-    def start(self, model: Any) -> None:
-        """Enter a new trace of ``model`` for the run (ending a previous run's trace first)."""
+    @property
+    def findings(self) -> list[tuple[int | None, Finding]]:
+        """The run's findings as ``(step, finding)`` (a long run's trace keeps the first and recent repeats)."""
+        trace = self.trace
+        return [] if trace is None else [(finding.step, finding) for finding in trace.findings]
+
+    def start(self, model: Any, framework_step: int = 0) -> None:
+        """Enter a new trace of ``model`` for the run (ending a previous run's trace first).
+
+        ``framework_step``: the framework's count of steps done when the run starts (a resumed run's).
+        """
         from gradprobe.api.trace import Trace
 
         self.finish()
-        options: dict[str, Any] = {"window": self.window} if self.window is not None else {}
+        options: dict[str, Any] = {} if self.window is None else {"window": self.window}  # None: the trace's default
         trace = Trace(
             (model,), keep=self.keep, on_finding=self.on_finding, plugins=self.plugins, disable=self.disable,
             console=self.console, **options,
         )
-        self.trace, self.step, self._new, self._reported_at = trace, None, NewFindings(), None
+        self.trace, self._new, self._reported_at = trace, NewFindings(), None
+        self._framework_step, self._trace_steps = framework_step, 0
         self.status = LiveStatus(self.console) if self.live else None
         trace.__enter__()
 
-    def step_end(self, step: int) -> None:
-        """A training step ended: log its new findings now, and the report every ``every_n_steps``."""
+    def step_end(self, framework_step: int) -> None:
+        """The framework finished a training step (``framework_step``: its count of steps done).
+
+        Logs the new findings now, and the report when ``framework_step`` is a multiple of ``every_n_steps``.
+        """
         trace = self.trace
         if trace is None or not trace.active:
             return
-        self.step = step
-        self._log_new(trace, f"step {step}")
-        # with gradient accumulation the framework's step stays the same for several batches: one report
-        if step > 0 and step % self.every_n_steps == 0 and step != self._reported_at:
-            self._report(trace, f"step {step}")
-        if self.status is not None:
-            self.status.update(step)
+        stepped = framework_step > self._framework_step
+        if stepped and trace.current_step == self._trace_steps:
+            trace.step()  # the framework stepped without a torch optimizer step the trace could see
+        self._framework_step, self._trace_steps = framework_step, trace.current_step
+        self._log_new(trace)
+        done = trace.current_step
+        # with gradient accumulation the framework's count stays the same for several batches: one report
+        if stepped and done and framework_step % self.every_n_steps == 0 and done != self._reported_at:
+            self._report(trace, f"step {done - 1:,}")
+        if self.status is not None and done:
+            self.status.update(done - 1)
 
     def finish(self, exc: BaseException | None = None) -> None:
         """Exit the run's trace (if open), log what is new and print the report of the run.
@@ -150,9 +179,10 @@ class RunTracer:
         try:
             trace.__exit__(type(exc) if exc is not None else None, exc, exc.__traceback__ if exc is not None else None)
         finally:
-            last = "before the first step" if self.step is None else f"after step {self.step}"
-            new = self._log_new(trace, f"end of run ({last})")
-            if new or self._reported_at is None or self._reported_at != self.step or exc is not None:
+            done = trace.current_step
+            last = f"after step {done - 1:,}" if done else "no step ended"
+            new = self._log_new(trace, at_end=True)
+            if new or done != self._reported_at or exc is not None:
                 stopped = f", stopped by {type(exc).__name__}" if exc is not None else ""
                 self._report(trace, f"end of run ({last}{stopped})")
 
@@ -168,20 +198,22 @@ class RunTracer:
         except Exception:  # noqa: BLE001 — a finalizer has no caller to tell; the hooks are off either way
             pass
 
-    def _log_new(self, trace: Trace, when: str) -> int:
+    def _log_new(self, trace: Trace, at_end: bool = False) -> int:
         new = self._new(trace)
-        if new:
-            step = self.step if self.step is not None else 0
-            for finding in new:
-                self.findings.append((step, finding))
-                self._say(f"gradprobe {when}: {finding.format()}")
-            if self.status is not None:
-                self.status.add_findings(new)
+        done = trace.current_step
+        for finding in new:
+            if finding.step is None or (at_end and finding.step >= done):  # found at the trace's end, or in a step cut short
+                when = "end of run"
+            else:
+                when = f"step {finding.step:,}"
+            self._say(f"gradprobe {when}: {finding.format()}")
+        if new and self.status is not None:
+            self.status.add_findings(new)
         return len(new)
 
     def _report(self, trace: Trace, when: str) -> None:
         self.reports += 1
-        self._reported_at = self.step
+        self._reported_at = trace.current_step
         if self.log is not None:
             self.log(f"gradprobe report, {when}")
         if self.status is not None:
@@ -213,8 +245,9 @@ class StepCallback:
         console: the rich console for reports (default: rich's).
         log: a function taking one line of text for findings (default: print to ``console``).
         plugins, disable: passed to the run's trace.
-        window: ``trace(window=...)``: how many recent steps the trace keeps in full detail (default:
-            the trace's own default).
+        window: ``trace(window=...)``: how many recent steps the trace keeps in full detail, older
+            ones folded into the run's aggregates (default: the trace's own; a run-long trace never
+            keeps every step).
         live: show a one-line status (step, steps/s, top findings) while training runs, updated at
             step ends, at most a few times a second, and only when ``console`` is a terminal.
     """
@@ -250,9 +283,9 @@ class StepCallback:
         return self._steps.trace
 
     @property
-    def findings(self) -> list[tuple[int, Finding]]:
-        """Every finding logged so far, as ``(step, finding)``."""
-        return list(self._steps.findings)
+    def findings(self) -> list[tuple[int | None, Finding]]:
+        """The run's findings as ``(step, finding)``, steps counted from 0 as in the report."""
+        return self._steps.findings
 
     @property
     def reports(self) -> int:

@@ -10,8 +10,10 @@ One trace of the model is entered at ``on_train_begin`` and exited at ``on_train
 a step at each ``optimizer.step()`` (NOTE [one trace per run] in ``gradprobe/integrations/steps.py``),
 so every gradient-accumulation micro-batch of a step is one backward call of that step. Clipping
 (``max_grad_norm``, on by default) rescales ``.grad`` in place, which the breakdown shows as modified
-outside backward. Findings are logged at the ``on_step_end`` of the step they appear in, with
-``state.global_step``; the full report every ``every_n_steps`` steps and at the end.
+outside backward. Findings are logged at the ``on_optimizer_step`` of the step they appear in (after
+``optimizer.step()``, before ``model.zero_grad()``, so a report there still sees the step's ``.grad``),
+with the trace's step number (counted from 0); the full report every ``every_n_steps`` steps of the
+Trainer and at the end.
 ``callback.trace`` is the run's trace, ``callback.findings`` every finding as ``(step, finding)``.
 
 Trainer has no exception event: when ``trainer.train()`` raises, the trace stays open until
@@ -49,10 +51,12 @@ class GradProbeCallback(StepCallback, TrainerCallback):  # type: ignore[misc]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is not None:
-            self._steps.start(model)
+            self._steps.start(model, int(state.global_step))
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._steps.step_end(int(state.global_step))
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after optimizer.step(), before model.zero_grad(): the report still sees the step's .grad;
+        # Trainer adds 1 to global_step just after this event
+        self._steps.step_end(int(state.global_step) + 1)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._steps.finish()
