@@ -197,15 +197,20 @@ class LeafLoss:
 class ModuleRun:
     """One module (or the whole model, ``""``) over the run: per loss share and conflict, and ‖.grad‖."""
 
-    __slots__ = ("leaves", "share", "share_trend", "cos", "conflict_steps", "compared_steps", "grad_norm", "grad_trend")
+    __slots__ = (
+        "leaves", "share", "share_trend", "cos", "cos_trend", "conflict_steps", "compared_steps", "conflict_trend",
+        "grad_norm", "grad_trend",
+    )
 
     def __init__(self) -> None:
         self.leaves: set[int] = set()
         self.share: dict[str, Agg] = {}  # loss -> per step share of the module's .grad
         self.share_trend: dict[str, Series] = {}
         self.cos: dict[str, Agg] = {}  # loss -> per part cosine with what the module's .grad held
+        self.cos_trend: dict[str, Series] = {}  # the same per step (for plots: mean and worst per bucket)
         self.conflict_steps = 0  # steps in which some loss's part had cosine < 0 here
         self.compared_steps = 0  # steps with a cosine to compare (two contributions or more)
+        self.conflict_trend = Series()  # per compared step: 1.0 in conflict, else 0.0 (bucket mean: the rate)
         self.grad_norm = Agg()  # per step: ‖.grad‖ of the module at the end of the step's epoch
         self.grad_trend = Series()
 
@@ -219,6 +224,8 @@ class ModuleRun:
         new.share = {k: v.copy() for k, v in self.share.items()}
         new.share_trend = {k: v.copy() for k, v in self.share_trend.items()}
         new.cos = {k: v.copy() for k, v in self.cos.items()}
+        new.cos_trend = {k: v.copy() for k, v in self.cos_trend.items()}
+        new.conflict_trend = self.conflict_trend.copy()
         new.conflict_steps, new.compared_steps = self.conflict_steps, self.compared_steps
         new.grad_norm, new.grad_trend = self.grad_norm.copy(), self.grad_trend.copy()
         return new
@@ -262,8 +269,11 @@ class RunAggregates:
 
     # -- adding steps --------------------------------------------------------------------------
 
-    def add(self, ledger: Ledger, upto: int) -> None:
-        """Add the parts of records before ``upto`` (those not added yet) to the aggregates."""
+    def add(self, ledger: Ledger, upto: int, closed: bool = False) -> None:
+        """Add the parts of records before ``upto`` (those not added yet) to the aggregates.
+
+        ``closed``: the epoch each leaf's `.grad` is in now counts as ended (a snapshot of the run so far).
+        """
         modules = {s.leaf.index: s.leaf.module for s in ledger.leaves}
         records = {r.index: r for r in ledger.records if r.index < upto}
         for record in records.values():
@@ -273,7 +283,7 @@ class RunAggregates:
                 info = self.losses[key] = LossInfo(key, record.name, record.site)
             info.calls.add(record.step, 1.0)
         self.records += len(records)
-        values = _read_values(ledger, upto, self._running)
+        values = _read_values(ledger, upto, self._running, closed)
         self._add_values(values, records, modules)
 
     def _add_values(
@@ -305,7 +315,10 @@ class RunAggregates:
                 agg.conflicts += cos < 0
             owner = modules.get(v.leaf)
             for module in ("", owner) if owner else ("",):
-                self.modules.setdefault(module, ModuleRun()).leaves.add(v.leaf)
+                run = self.modules.get(module)
+                if run is None:
+                    run = self.modules[module] = ModuleRun()
+                run.leaves.add(v.leaf)
                 sk = (step, module, loss)
                 if v.epoch_end is not None:
                     ends.setdefault((step, module), {})[v.leaf] = v.epoch_end**2
@@ -347,11 +360,13 @@ class RunAggregates:
             cos = max(-1.0, min(1.0, dot / math.sqrt(before2 * part2)))
             loss = loss_key(records[index])
             self.modules[module].cos.setdefault(loss, Agg()).add(step, cos)
+            self.modules[module].cos_trend.setdefault(loss, Series()).add(step, cos)
             conflict[(step, module)] = conflict.get((step, module), False) or cos < 0
         for (step, module), bad in conflict.items():
             run = self.modules[module]
             run.compared_steps += 1
             run.conflict_steps += bad
+            run.conflict_trend.add(step, float(bad))
         for (step, module), leaf_ends in sorted(ends.items()):
             run = self.modules[module]
             norm = math.sqrt(sum(leaf_ends.values()))
@@ -362,7 +377,7 @@ class RunAggregates:
         """A copy with the steps still kept in full added (the run so far, for reports)."""
         new = self.copy()
         ledger.flush()
-        new.add(ledger, len(ledger.records))
+        new.add(ledger, len(ledger.records), closed=True)
         return new
 
     def to_dict(self, leaves: dict[int, str]) -> dict[str, Any]:
@@ -395,7 +410,7 @@ def _json(x: float | None) -> float | str | None:
     return str(x)
 
 
-def _read_values(ledger: Ledger, upto: int, running: dict[int, tuple[int, float]]) -> list[_Value]:
+def _read_values(ledger: Ledger, upto: int, running: dict[int, tuple[int, float]], closed: bool) -> list[_Value]:
     """The parts of records before ``upto``, read back at once, with shares per ended epoch (NOTE [window])."""
     refs: list[Any] = []
 
@@ -443,7 +458,7 @@ def _read_values(ledger: Ledger, upto: int, running: dict[int, tuple[int, float]
                 if v.dot is not None:
                     v.before = math.sqrt(max(sq, 0.0))
                 sq = sq + 2.0 * (v.dot or 0.0) + v.norm * v.norm
-            if epoch in kept_epochs or epoch == state.epoch:  # not ended: carry its ‖.grad‖² on
+            if epoch in kept_epochs or (epoch == state.epoch and not closed):  # not ended: carry its ‖.grad‖² on
                 running[leaf] = (epoch, sq)
                 continue
             running.pop(leaf, None)

@@ -315,8 +315,11 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
             self.emit(finding)
 
     def _add_finding(self, finding: Finding, policy: Policy) -> None:
-        step = self._recorder.steps.count
         if finding.step is None:
+            records = self._ledger.records
+            step = self._recorder.steps.count
+            if records and self._recorder.steps.first_record == len(records):
+                step = records[-1].step  # between steps (at the trace's end): the last step that ran
             object.__setattr__(finding, "step", step)  # frozen for users; plugins keep the same object (revise)
         key = (finding.code, finding.site)
         seen = self._finding_counts.get(key)

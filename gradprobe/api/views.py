@@ -31,7 +31,11 @@ __all__ = ["SCHEMA", "TraceViews"]
 # may appear without a bump. Version 1: schema, gradprobe (version), keep, outcome {state: "new" |
 # "active" | "done", raised: did the traced block raise, exception: its class name or None},
 # records, leaves, breakdown, splits (``Trace.splits()``, empty when the decompose plugin is
-# disabled), findings. Per-step data (issue 11) will come as a "steps" key next to "splits".
+# disabled), findings. Added without a bump: "steps" {current (the running step), last (the last
+# with backward calls), window, every, folded (steps folded into the run's aggregates), kept_from},
+# "run" (``Trace.run()``: losses, per (leaf, loss) and per (module, loss) aggregates and trends),
+# "finding_counts" [{code, site, count, first_step, last_step}], each record's "step" and each
+# finding's "step".
 SCHEMA = 1
 
 
@@ -58,6 +62,14 @@ class TraceViews:
         _report_depth: int | str | None
         _raised: str | None
         _recorder: Any
+        _run: Any
+        window: int | None
+        every: int
+        current_step: int
+
+        def run(self) -> Any: ...
+
+        def finding_counts(self) -> dict[tuple[str, Any], tuple[int, int, int]]: ...
 
         @property
         def leaves(self) -> tuple[Leaf, ...]: ...
@@ -88,6 +100,7 @@ class TraceViews:
         from gradprobe import __version__
 
         splits: list[dict[str, Any]] = []
+        records = self._ledger.records.kept
         if self._plugins.get_plugin("decompose") is not None:
             splits = [split.to_dict() for split in self.splits()]
         return _json_safe(
@@ -101,6 +114,19 @@ class TraceViews:
                 "breakdown": [row.to_dict() for row in self.breakdown()],
                 "splits": splits,
                 "findings": [f.to_dict() for f in self._findings],
+                "steps": {
+                    "current": self.current_step,
+                    "last": records[-1].step if records else None,
+                    "window": self.window,
+                    "every": self.every,
+                    "folded": self._run.folded_steps,
+                    "kept_from": records[0].step if records else None,
+                },
+                "run": self.run().to_dict({s.leaf.index: s.leaf.name for s in self._ledger.leaves}),
+                "finding_counts": [
+                    {"code": code, "site": list(site) if site else None, "count": n, "first_step": a, "last_step": b}
+                    for (code, site), (n, a, b) in self.finding_counts().items()
+                ],
             }
         )
 

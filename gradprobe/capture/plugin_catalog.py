@@ -34,6 +34,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "decompose": "gradprobe.analysis.decompose_plugin:Decomposer",
     "report.calls": "gradprobe.report.sections:CallsSection",
     "report.breakdown": "gradprobe.report.sections:BreakdownSection",
+    "report.run": "gradprobe.report.run:RunSection",
     "report.decomposition": "gradprobe.report.decomposition:DecompositionSection",
     "report.findings": "gradprobe.report.sections:FindingsSection",
     "amp": "gradprobe.detectors.amp:AmpPlugin",

@@ -74,4 +74,4 @@ class FindingsSection:
 
     @hookimpl
     def gradprobe_report_sections(self, trace: Trace) -> list[Any]:
-        return [findings_panel(trace.findings)]
+        return [findings_panel(trace.findings, trace.finding_counts())]

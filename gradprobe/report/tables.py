@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
 from rich.panel import Panel
 from rich.text import Text
 
 from gradprobe._format import check_cell, nonfinite, number, share
+from gradprobe.analysis.run import loss_key
 from gradprobe.report.layout import Column, fitted_table, table_width
 from gradprobe.report.tree import fold
 
@@ -45,10 +46,14 @@ class _CallsTable:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         records = self._trace.records
         n = len(self._trace.leaves)
+        total = len(self._trace._ledger.records)
         title = (
-            f"gradprobe · {len(records)} backward call{'s' * (len(records) != 1)} · "
+            f"gradprobe · {total:,} backward call{'s' * (total != 1)} · "
             f"{n} lea{'ves' if n != 1 else 'f'} · keep={self._trace.keep}"
         )
+        if records and (records[0].step != records[-1].step or total > len(records)):
+            yield from _by_line(self._trace, title, self._raised, options.max_width)
+            return
         if not records:
             yield Text(title, style="bold")
             yield Text("no backward call ran inside the trace", style="dim")
@@ -88,6 +93,62 @@ class _CallsTable:
         yield table
         if notes:
             yield Text("left out at this width: " + ", ".join(notes), style="dim")
+
+
+def _by_line(trace: Trace, title: str, raised: dict[int, str], width: int) -> RenderResult:
+    """A trace over several steps: one row per backward call line (a loss), with its count and steps."""
+    steps = trace.current_step
+    run = trace._run  # the folded steps' losses; the kept records are counted here (no read-back)
+    rows: dict[str, list[Any]] = {}  # loss -> [name, site, calls, first step, last step, last record]
+    for info in run.losses.values():
+        rows[info.key] = [info.name, info.site, info.calls.n, info.calls.first, info.calls.last, None]
+    for r in trace.records:
+        key = loss_key(r)
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = [r.name, r.site, 0, r.step, r.step, None]
+        row[2] += 1
+        row[4] = r.step
+        row[5] = r
+    failed: dict[str, int] = {}
+    for index in raised:
+        r = trace._ledger.records.get(index)
+        if r is not None:
+            failed[loss_key(r)] = failed.get(loss_key(r), 0) + 1
+    name, site, calls, seen, retain, source, outcome = ([] for _ in range(7))
+    for key, (n, s, count, first, final, record) in rows.items():
+        name.append(Text(n, style="bold"))
+        site.append(Text(str(s) if s else "?"))
+        calls.append(Text(f"{count:,}"))
+        seen.append(Text(f"{first:,}–{final:,}" if first != final else f"{first:,}"))
+        retain.append(Text("" if record is None else ("yes" if record.retain_graph else "no")))
+        source.append(Text(s.source if s else "", style="dim"))
+        bad = failed.get(key)
+        outcome.append(Text(f"✗ {bad} raised", style="bold red") if bad else Text("✓", style="green"))
+    columns = [
+        Column("backward call", name, justify="left", shrink=16),
+        Column("site", site, justify="left", drop=2, dropped="site (see the findings)"),
+        Column("calls", calls),
+        Column("steps", seen),
+        Column("retain_graph", retain, justify="left", drop=3, dropped="retain_graph"),
+    ]
+    if failed:
+        columns.append(Column("result", outcome, justify="left"))
+    src = Column("source", source, justify="left", drop=5, dropped="source line")
+    room = width - table_width([c.natural() for c in columns] + [0])
+    if room >= 16:
+        src.cells = [Text(c.plain if c.cell_len <= room else c.plain[: room - 1] + "…", style="dim") for c in source]
+        columns.append(src)
+    table, notes = fitted_table(columns, width)
+    folded = run.folded_steps
+    last = trace.records[-1].step if trace.records else steps
+    span = f"{last + 1:,} steps (0–{last:,})"
+    kept = f"; steps {folded:,}–{last:,} kept in full (window={trace.window}), older ones folded" if folded else ""
+    measured = f"; parts measured every {trace.every} steps" if trace.every > 1 else ""
+    yield Text(f"{title} · {span}{kept}{measured}", style="bold")
+    yield table
+    if notes:
+        yield Text("left out at this width: " + ", ".join(notes), style="dim")
 
 
 def _part_cell(part: Part | None) -> Text:
@@ -148,6 +209,10 @@ class _BreakdownTable:
         rows = self._rows
         records: tuple[BackwardRecord, ...] = self._trace.records
         title = Text("Gradient breakdown · ‖part‖ and share of the final .grad", style="bold")
+        latest = _latest_step(records)
+        if latest is not None:  # several steps: the latest in full (the run section has the others)
+            records = tuple(r for r in records if r.step == latest)
+            title.append(f" · step {latest:,}, the latest", style="bold")
         shown_rows, fold_note = fold(rows, self._depth)
         single = single_record(rows)
         legend: list[str] = []
@@ -170,7 +235,7 @@ class _BreakdownTable:
         notes: list[str] = []
         struck = False
         if single is not None:
-            r = records[single] if single < len(records) else None
+            r = self._trace._ledger.records.get(single)
             notes.append(f"every .grad is exactly what backward #{single}{f' ({r.name})' if r else ''} added")
         else:
             shown = records[: self._max_columns]
@@ -218,17 +283,43 @@ class _BreakdownTable:
         yield Text("   ".join(legend), style="dim")
 
 
-def findings_panel(findings: list[Finding]) -> RenderableType:
-    """The findings, each with severity, code, the user's line and the fix."""
+def _latest_step(records: tuple[BackwardRecord, ...]) -> int | None:
+    """The step of the last record, when the records span several steps (else None)."""
+    if not records or records[0].step == records[-1].step:
+        return None
+    return records[-1].step
+
+
+def findings_panel(
+    findings: list[Finding], counts: dict[tuple[str, Any], tuple[int, int, int]] | None = None
+) -> RenderableType:
+    """The findings, each with severity, code, the user's line and the fix.
+
+    ``counts``: per (code, site), how many times and in which steps it was found (``Trace.finding_counts``):
+    a finding repeated over a run is shown once, with its count and first and last step.
+    """
     if not findings:
         return Text("No findings.", style="green")
     items: list[RenderableType] = []
+    shown: set[tuple[str, Any]] = set()
+    unique = []
     for f in findings:
+        key = (f.code, f.site)
+        if counts is not None and key in shown:
+            continue
+        shown.add(key)
+        unique.append(f)
+    for f in unique:
         head = Text()
         head.append(f"{f.severity.upper():8}", style=_SEVERITY_STYLE[f.severity])
         head.append(f"{f.code} ", style="bold")
         if f.site:
             head.append(f"{f.site}  ", style="cyan")
+        seen = counts.get((f.code, f.site)) if counts is not None else None
+        if seen is not None and seen[0] > 1:
+            head.append(f"×{seen[0]:,} in steps {seen[1]:,}–{seen[2]:,}  ", style="magenta")
+        elif f.step:
+            head.append(f"step {f.step:,}  ", style="magenta")
         head.append(f.message)
         items.append(head)
         if f.site and f.site.source:
@@ -237,6 +328,6 @@ def findings_panel(findings: list[Finding]) -> RenderableType:
             items.append(Text(f"    {rel.site}: {rel.role}", style="dim"))
         if f.fix:
             items.append(Text(f"    fix: {f.fix}", style="green"))
-    counts = {s: sum(1 for f in findings if f.severity == s) for s in ("error", "warning", "info")}
-    title = ", ".join(f"{n} {s}{'s' * (n != 1)}" for s, n in counts.items() if n)
-    return Panel(Group(*items), title=f"Findings · {title}", title_align="left", border_style="red" if counts["error"] else "yellow")
+    tally = {s: sum(1 for f in unique if f.severity == s) for s in ("error", "warning", "info")}
+    title = ", ".join(f"{n} {s}{'s' * (n != 1)}" for s, n in tally.items() if n)
+    return Panel(Group(*items), title=f"Findings · {title}", title_align="left", border_style="red" if tally["error"] else "yellow")
