@@ -236,6 +236,17 @@ def test_a_training_loop_is_one_trace_of_30_steps(training_loop: Path, capsys: p
     assert "trained" in capsys.readouterr().out
 
 
+def test_a_training_loop_gets_the_run_report(training_loop: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``gradprobe run loop.py``: the breakdown is of step 29, the latest, not step 0; then the run's section."""
+    assert main(["run", str(training_loop)]) == 0
+    out = capsys.readouterr().out
+    assert "30 steps (0–29)" in out
+    assert "step 29, the latest" in out and "step 0, the latest" not in out
+    breakdown = out[out.index("Gradient breakdown") : out.index("The run ·")]
+    assert "#58" in breakdown and "#59" in breakdown and "#0 " not in breakdown  # step 29's two backward calls
+    assert "loss_cls" in out and "loss_reg" in out
+
+
 def test_window_option(training_loop: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--window N`` is trace(window=N): at most 2 × N steps kept in full; a bad N is refused before anything runs."""
     tracer, error = run_script(str(training_loop), quiet=True, window=3)

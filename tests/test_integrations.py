@@ -51,7 +51,7 @@ def test_lightning_callback_traces_the_run(tmp_path: Path) -> None:
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "gradprobe · step 1" in text and "Gradient breakdown" in text  # steps count from 0, as in the report
     assert lines.count("gradprobe report, step 1") == 1 and lines[-1] == "gradprobe report, end of run (after step 3)"
-    assert [line.split(":")[0] for line in lines if "GP503" in line] == ["gradprobe end of run"]
+    assert [line.split(":")[0] for line in lines if "GP503" in line] == ["gradprobe step 3"]  # the end-of-trace finding is dated to the last step
 
 
 def test_lightning_callback_logs_findings_immediately(tmp_path: Path) -> None:
@@ -130,9 +130,15 @@ def test_transformers_callback_traces_the_run(tmp_path: Path) -> None:
     assert callback.reports == 2  # step 2 and the end
     assert lines == ["gradprobe report, step 1", "gradprobe report, end of run (after step 2)"]
     run = callback.trace
-    assert run is not None and not run.active and len(run.records) == 6  # 3 steps × 2 micro-batches
+    assert run is not None and not run.active and run.current_step == 3
+    assert [r.step for r in run.records] == [0, 0, 1, 1, 2, 2]  # 3 steps × 2 micro-batches
     text = console.file.getvalue()  # type: ignore[attr-defined]
-    assert "gradprobe · step 1" in text and "gradprobe · end of run (after step 2)" in text
+    mid_run = text[text.index("gradprobe · step 1\n") : text.index("gradprobe · end of run (after step 2)")]
+    # reported at on_optimizer_step, before zero_grad: the latest step's breakdown with its .grad; Trainer
+    # always runs clip_grad_norm_ (max_norm=inf when max_grad_norm=0, to log the norm): an in-place ×1
+    # write after the last backward, which the Σ check honestly reports as a modification
+    assert "step 1, the latest" in mid_run and ".grad was modified outside backward" in mid_run
+    assert "classifier.weight" in mid_run and "The run · 2 steps (0–1)" in mid_run
 
 
 # -- one trace per run, with fake frameworks (Lightning and transformers are not installed here) ----------
@@ -348,7 +354,10 @@ def test_lightning_callback_keeps_one_trace_for_the_run(fake_lightning: Any, ent
     assert [line for line in lines if line.startswith("gradprobe report")] == [
         "gradprobe report, step 19", "gradprobe report, step 39", "gradprobe report, end of run (after step 49)",
     ]
-    assert "Gradient breakdown" in console.file.getvalue()  # type: ignore[attr-defined]
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    mid_run = text[text.index("gradprobe · step 39\n") : text.index("gradprobe · end of run")]
+    assert "step 39, the latest" in mid_run and "The run · 40 steps (0–39)" in mid_run  # t.report() while active
+    assert "step 49, the latest" in text[text.index("gradprobe · end of run") :]
 
 
 def test_no_second_report_when_the_last_step_was_just_reported(fake_lightning: Any) -> None:
