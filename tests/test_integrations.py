@@ -554,3 +554,25 @@ def test_window_is_passed_to_the_run_trace(fake_lightning: Any) -> None:
     default = fake_lightning.GradProbeCallback(every_n_steps=100, console=_console(), log=[].append)
     FakeLightningTrainer([default], max_steps=1).fit(_TwoHeads())
     assert default.trace is not None and default.trace.window == gradprobe.trace().window  # the trace's default
+
+
+class _FlagEveryStep:
+    """A plugin that emits the same warning at every backward call (a finding that repeats all run long)."""
+
+    @gradprobe.hookimpl
+    def gradprobe_after_backward(self, trace: Trace, record: Any, error: Any) -> None:
+        trace.emit(gradprobe.Finding("GP999", "demo", "warning", "again"))
+
+
+def test_a_finding_repeated_every_step_is_logged_once_per_step(fake_lightning: Any) -> None:
+    """50 steps, window 2: the trace forgets old repeats, yet each step's finding is logged exactly once, with its step."""
+    lines: list[str] = []
+    callback = fake_lightning.GradProbeCallback(
+        every_n_steps=1000, console=_console(), log=lines.append, window=2, plugins=(_FlagEveryStep,)
+    )
+    FakeLightningTrainer([callback], max_steps=50).fit(_TwoHeads())
+    logged = [line.split(":")[0] for line in lines if "GP999" in line]
+    assert logged == [f"gradprobe step {i}" for i in range(50)]
+    run = callback.trace
+    assert run is not None and len(run.findings) < 10  # the trace kept the first and the recent ones
+    assert [step for step, _ in callback.findings][0] == 0

@@ -28,6 +28,9 @@
 # raises, the trace stays open until one of the last three; wrap the call in
 # `try: ... finally: callback.close()` to end it at once. The finalizer holds the `RunTracer`, never
 # the callback, and nothing gradprobe owns refers back to the callback, so the callback can be freed.
+# A finalizer runs on whichever thread frees the callback: the trace's torch-function mode is
+# per-thread, so a callback freed on another thread than the one that trained takes off the hooks
+# but cannot pop that mode from the training thread's stack (`close()` on the training thread can).
 """
 
 from __future__ import annotations
@@ -249,7 +252,10 @@ class StepCallback:
             ones folded into the run's aggregates (default: the trace's own; a run-long trace never
             keeps every step).
         live: show a one-line status (step, steps/s, top findings) while training runs, updated at
-            step ends, at most a few times a second, and only when ``console`` is a terminal.
+            step ends, at most a few times a second, and only when ``console`` is a terminal. Meant for
+            runs without a tqdm progress bar (Lightning ``enable_progress_bar=False``, HF
+            ``disable_tqdm=True``): while the line is shown, other output is printed above it line by
+            line, so a tqdm bar only moves when it ends a line (rich progress bars share the display).
     """
 
     def __init__(
