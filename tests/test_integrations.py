@@ -576,3 +576,14 @@ def test_a_finding_repeated_every_step_is_logged_once_per_step(fake_lightning: A
     run = callback.trace
     assert run is not None and len(run.findings) < 10  # the trace kept the first and the recent ones
     assert [step for step, _ in callback.findings][0] == 0
+
+
+def test_hf_callback_without_the_optimizer_step_event(fake_transformers: Any) -> None:
+    """An older Trainer that has no on_optimizer_step event: the callback steps and reports at on_step_end."""
+    console = _console()
+    callback = fake_transformers.GradProbeCallback(every_n_steps=3, console=console, log=[].append)
+    callback.on_optimizer_step = lambda *args, **kwargs: None  # the event never comes
+    model = _TwoHeads()
+    FakeHFTrainer(model, [callback], max_steps=6).train()
+    assert _headers(console) == ["gradprobe · step 2", "gradprobe · step 5"]
+    assert callback.trace is not None and callback.trace.current_step == 6 and _left_installed(model) == []

@@ -58,5 +58,10 @@ class GradProbeCallback(StepCallback, TrainerCallback):  # type: ignore[misc]
         # Trainer adds 1 to global_step just after this event
         self._steps.step_end(int(state.global_step) + 1)
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # the same count as at on_optimizer_step: only findings made since (during zero_grad) are logged;
+        # an older Trainer without the on_optimizer_step event steps and reports here
+        self._steps.step_end(int(state.global_step))
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._steps.finish()
