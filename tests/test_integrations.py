@@ -1,14 +1,23 @@
-"""Lightning and Hugging Face callbacks, each with a tiny model built locally (skipped when not installed)."""
+"""Lightning and Hugging Face callbacks: the real libraries on tiny local models (skipped when not installed), and
+fake trainers that call the callbacks in each framework's order of events (one trace per run, every exit path)."""
 
 from __future__ import annotations
 
+import gc
 import io
+import sys
+import types
+import weakref
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
 from rich.console import Console
 from torch import nn
+
+import gradprobe
+from gradprobe.api.trace import Trace
 
 
 def _console() -> Console:
@@ -141,7 +150,7 @@ def test_transformers_callback_traces_the_run(tmp_path: Path) -> None:
     assert "classifier.weight" in mid_run and "The run · 2 steps (0–1)" in mid_run
 
 
-# -- one trace per run, with fake frameworks (Lightning and transformers are not installed here) ----------
+# -- one trace per run, with fake frameworks (fast, and run where Lightning or transformers are not installed) --
 #
 # The fakes call the callbacks in the frameworks' own order of events (Lightning's automatic
 # optimization: on_train_start, per batch on_train_batch_start → training_step → backward →
@@ -149,13 +158,6 @@ def test_transformers_callback_traces_the_run(tmp_path: Path) -> None:
 # step on_step_begin → micro-batch backward calls → on_pre_optimizer_step → optimizer.step() →
 # on_optimizer_step → zero_grad → global_step += 1 → on_step_end, on_train_end, and no exception event).
 
-import gc  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-import gradprobe  # noqa: E402
-from gradprobe.api.trace import Trace  # noqa: E402
 
 
 class _Hooks:
@@ -426,8 +428,6 @@ def test_a_freed_callback_takes_its_trace_off(fake_lightning: Any) -> None:
         trace = callback.trace
         assert trace is not None and trace.active and _left_installed(model)
         return weakref.ref(callback), weakref.ref(trace)
-
-    import weakref
 
     callback_ref, trace_ref = start_and_drop()
     gc.collect()
