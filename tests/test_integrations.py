@@ -98,6 +98,44 @@ def test_lightning_callback_logs_findings_immediately(tmp_path: Path) -> None:
     assert callback.reports == 1  # the end
 
 
+@pytest.mark.parametrize("fail", ["error", "interrupt"])
+def test_lightning_run_that_fails_leaves_no_hook(tmp_path: Path, fail: str) -> None:
+    """Real Lightning: a training step that raises (or a Ctrl-C) reaches on_exception, which exits the run's trace."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradprobe.integrations.lightning import GradProbeCallback
+
+    class Failing(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            if batch_idx == 2:
+                raise KeyboardInterrupt if fail == "interrupt" else RuntimeError("step 2 failed")
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    console = _console()
+    callback = GradProbeCallback(every_n_steps=100, console=console, log=[].append)
+    trainer = pl.Trainer(
+        max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback], default_root_dir=tmp_path,
+    )
+    model = Failing()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, 4)), batch_size=4)
+    try:
+        trainer.fit(model, data)
+    except (RuntimeError, SystemExit):  # Lightning re-raises errors; after a Ctrl-C it shuts down gracefully
+        pass
+    run = callback.trace
+    assert run is not None and not run.active and run.current_step == 2
+    assert _left_installed(model) == []
+    expected = "KeyboardInterrupt" if fail == "interrupt" else "RuntimeError"
+    assert f"gradprobe · end of run (after step 1, stopped by {expected})" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
 def _tiny_bert():  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
