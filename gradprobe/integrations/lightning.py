@@ -39,7 +39,7 @@ class GradProbeCallback(StepCallback, Callback):  # type: ignore[misc]
     """Trace the training run; log findings at once, the report every ``every_n_steps`` steps and at the end.
 
     Args: see :class:`gradprobe.integrations.steps.StepCallback` (``every_n_steps``, ``keep``,
-    ``on_finding``, ``console``, ``log``, ``plugins``, ``disable``, ``window``).
+    ``on_finding``, ``console``, ``log``, ``plugins``, ``disable``, ``window``, ``live``).
     """
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:

@@ -46,7 +46,7 @@ class GradProbeCallback(StepCallback, TrainerCallback):  # type: ignore[misc]
     """Trace the training run; log findings at once, the report every ``every_n_steps`` steps and at the end.
 
     Args: see :class:`gradprobe.integrations.steps.StepCallback` (``every_n_steps``, ``keep``,
-    ``on_finding``, ``console``, ``log``, ``plugins``, ``disable``, ``window``).
+    ``on_finding``, ``console``, ``log``, ``plugins``, ``disable``, ``window``, ``live``).
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
