@@ -14,13 +14,62 @@ _SEVERITIES = ("error", "warning", "info")
 
 
 class Site(NamedTuple):
-    """A place in the user's source: ``(filename, lineno)``."""
+    """A place in the user's source: ``(filename, lineno)``.
+
+    ``library`` names the training library (``"accelerate"``, ``"lightning"`` ...) a backward call was
+    made inside when its site was moved out of it to the user's line (NOTE [library call sites] in
+    capture/sites.py): ``train.py:40 (inside accelerate)``. It describes the place and is no part of
+    it: sites compare and hash by ``(filename, lineno)`` alone.
+    """
 
     filename: str
     lineno: int
+    library: str | None = None
 
     def __str__(self) -> str:
-        return f"{os.path.basename(self.filename)}:{self.lineno}"
+        where = f"{os.path.basename(self.filename)}:{self.lineno}"
+        return f"{where} (inside {self.library})" if self.library else where
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Site):
+            return self.filename == other.filename and self.lineno == other.lineno
+        if isinstance(other, tuple):  # a plain ``(filename, lineno)``
+            return (self.filename, self.lineno) == other
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash((self.filename, self.lineno))
+
+    def _key(self, other: object) -> tuple[tuple[str, int], tuple[Any, ...]] | None:
+        if isinstance(other, Site):
+            return (self.filename, self.lineno), (other.filename, other.lineno)
+        if isinstance(other, tuple):
+            return (self.filename, self.lineno), other
+        return None
+
+    def __lt__(self, other: object) -> bool:
+        keys = self._key(other)
+        return NotImplemented if keys is None else keys[0] < keys[1]
+
+    def __le__(self, other: object) -> bool:
+        keys = self._key(other)
+        return NotImplemented if keys is None else keys[0] <= keys[1]
+
+    def __gt__(self, other: object) -> bool:
+        keys = self._key(other)
+        return NotImplemented if keys is None else keys[0] > keys[1]
+
+    def __ge__(self, other: object) -> bool:
+        keys = self._key(other)
+        return NotImplemented if keys is None else keys[0] >= keys[1]
+
+    def to_list(self) -> list[Any]:
+        """``[filename, lineno]``, the JSON form (``library`` goes under a key of its own)."""
+        return [self.filename, self.lineno]
 
     @property
     def source(self) -> str:
@@ -89,7 +138,8 @@ class Finding:
             "kind": self.kind,
             "severity": self.severity,
             "message": self.message,
-            "site": list(self.site) if self.site else None,
+            "site": self.site.to_list() if self.site else None,
+            "site_library": self.site.library if self.site else None,
             "related": [[r.filename, r.lineno, r.role] for r in self.related],
             "fix": self.fix,
             "plugin": self.plugin,

@@ -74,7 +74,7 @@ def _local_grads(model: TwoHeads, steps: list[int], rank: int) -> dict[str, torc
     for step in steps:
         a, b = twin(batch(rank, step))
         (a.square().mean() + b.abs().mean()).backward()
-    return {f"module.{n}": p.grad.clone() for n, p in twin.named_parameters()}
+    return {f"model.{n}": p.grad.clone() for n, p in twin.named_parameters()}  # leaf names: under `model`
 
 
 def scenario_plain(rank: int, keep: str, bucket_view: bool) -> dict[str, Any]:
@@ -84,11 +84,11 @@ def scenario_plain(rank: int, keep: str, bucket_view: bool) -> dict[str, Any]:
     with gradprobe.trace(ddp, keep=keep, on_finding="record") as t:
         a, b = ddp(batch(rank, 0))
         (a.square().mean() + b.abs().mean()).backward()
-    grads = {f"module.{n}": p.grad.clone() for n, p in model.named_parameters()}
+    grads = {f"model.{n}": p.grad.clone() for n, p in model.named_parameters()}
     untraced = DDP(_model(), gradient_as_bucket_view=bucket_view)
     a, b = untraced(batch(rank, 0))
     (a.square().mean() + b.abs().mean()).backward()
-    bitwise = all(torch.equal(p.grad, grads[f"module.{n}"]) for n, p in untraced.module.named_parameters())
+    bitwise = all(torch.equal(p.grad, grads[f"model.{n}"]) for n, p in untraced.module.named_parameters())
     merged = t.gather(dst=0)
     return {
         "rows": _rows(t),

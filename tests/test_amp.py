@@ -52,7 +52,7 @@ def test_scaled_backward_is_reported_unscaled(dtype: torch.dtype) -> None:
         out = m2(x)
     s2.scale(out.float().pow(2).mean()).backward()
     s2.unscale_(o2)
-    before_clip = {n: p.grad.norm().item() for n, p in m2.named_parameters()}
+    before_clip = {f"model.{n}": p.grad.norm().item() for n, p in m2.named_parameters()}
     for row in t.breakdown():
         assert row.part(0).norm / float(amp.scales[0]) == pytest.approx(before_clip[row.leaf.name], rel=1e-6)
     for p, q in zip(model.parameters(), plain.parameters()):
@@ -71,7 +71,7 @@ def test_clip_before_unscale_is_a_finding() -> None:
     assert [f.code for f in t.findings] == ["GP712"]
     finding = t.findings[0]
     assert "clip_grad_norm_" in finding.site.source and finding.site.filename == __file__
-    assert finding.data["leaves"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert finding.data["leaves"] == ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
 
 
 def test_clip_before_unscale_warns_by_default() -> None:

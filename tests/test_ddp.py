@@ -110,11 +110,11 @@ def test_gather_merges_ranks_on_rank_zero(ranks: list[dict[str, Any]]) -> None:
 def test_gather_flags_ranks_that_disagree(ranks: list[dict[str, Any]]) -> None:
     """A rank that rescales .grad after the all-reduce: the merged report names the leaf (GP722)."""
     merged, text, disagreements = ranks[0]["desync"]["merged"]
-    assert disagreements == ["module.head_a.weight"]
+    assert disagreements == ["ddp.module.head_a.weight"]
     assert [f["code"] for f in merged["findings"]] == ["GP722"]
     assert "✗" in text
-    assert ranks[1]["desync"]["rows"]["module.head_a.weight"]["check"] is False
-    assert ranks[0]["desync"]["rows"]["module.head_a.weight"]["check"] is True
+    assert ranks[1]["desync"]["rows"]["ddp.module.head_a.weight"]["check"] is False
+    assert ranks[0]["desync"]["rows"]["ddp.module.head_a.weight"]["check"] is True
 
 
 def test_unused_parameters_named_before_ddp_raises(ranks: list[dict[str, Any]]) -> None:
@@ -123,10 +123,10 @@ def test_unused_parameters_named_before_ddp_raises(ranks: list[dict[str, Any]]) 
         result = rank["unused"]
         assert result["error"] is not None and "Expected to have finished reduction" in result["error"]
         (code, message, data, site), = [f for f in result["findings"] if f[0] == "GP721"]
-        assert data["parameters"] == ["module.head_b.weight", "module.head_b.bias"]
+        assert data["parameters"] == ["ddp.module.head_b.weight", "ddp.module.head_b.bias"]
         assert data["indices"] == result["error_indices"] == [4, 5]
         assert data["loss"] == "loss_a" and data["rank"] == r
-        assert "module.head_b" in message and "find_unused_parameters" in message
+        assert "ddp.module.head_b" in message and "find_unused_parameters" in message
         assert site.filename.endswith("ddp_workers.py") and "loss_a.backward()" in site.source
         assert all(row["world"] is None for row in result["rows"].values())  # no all-reduce finished
 

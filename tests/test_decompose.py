@@ -35,8 +35,8 @@ def _render(t: gradprobe.Trace) -> str:
 
 
 def _oracle(model: torch.nn.Module, losses: dict[str, torch.Tensor], weights: dict[str, float]) -> dict:
-    """Per-loss weighted gradients from plain autograd, per parameter name."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    """Per-loss weighted gradients from plain autograd, per leaf name (the tests' variable is `model`)."""
+    names = [f"model.{n}" for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     out = {}
     for key, loss in losses.items():
@@ -350,7 +350,7 @@ def test_inputs_restricts_leaves():
         (l1 + l2).backward(inputs=[model.fc2.weight])
     assert t.findings == []  # inputs= left the other parameters out on purpose: not "unreached"
     (split,) = t.splits()
-    assert [leaf.leaf.name for leaf in split.leaves] == ["fc2.weight"]
+    assert [leaf.leaf.name for leaf in split.leaves] == ["model.fc2.weight"]
     assert split.check is True
 
 
@@ -517,9 +517,9 @@ def test_small_real_conflict_is_shown_not_called_round_off():
     assert not tiny.negligible(0) and not tiny.negligible(1)
     assert tiny.cosine(0, 1) < -0.5 and all(s is not None for s in tiny.shares)
     (conflict,) = [f for f in t.findings if f.code == "GP400"]
-    assert "tiny" in dict(conflict.data["modules"]), conflict.message
+    assert "model.tiny" in dict(conflict.data["modules"]), conflict.message
     text = _render(t).split("Per-loss split of one backward", 1)[1]
-    row = next(line for line in text.splitlines() if line.strip().startswith("tiny"))
+    row = next(line for line in text.splitlines() if line.strip().startswith("model.tiny"))
     assert "%" in row and "-0.8" in row and "≈0" not in row, row
 
 

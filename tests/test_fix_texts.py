@@ -56,6 +56,22 @@ def test_nonleaf_grad_fixes_are_python_and_each_removes_the_finding(tmp_path: Pa
     assert run(tmp_path, with_leaf) == []
 
 
+@pytest.mark.parametrize("traced", ["model", "model[0]", "model.parameters()", ""])
+def test_nonleaf_grad_names_the_leaf_the_same_however_it_was_traced(tmp_path: Path, traced: str) -> None:
+    """One naming rule (NOTE [leaf names]): `model[0].bias.grad` whether the model, a submodule or nothing was passed."""
+    source = NONLEAF.replace("gradprobe.trace(on_finding", f"gradprobe.trace({traced}, on_finding".replace("(, ", "("))
+    (finding,) = [f for f in run(tmp_path, source) if f.code == "GP202"]
+    assert code_in(finding.fix)[-1] == "model[0].bias.grad"
+
+
+def test_nonleaf_grad_names_no_leaf_that_no_variable_holds(tmp_path: Path) -> None:
+    """A module held by no variable is reported as `Sequential.0.bias`, which is no Python: no `.grad` suggestion."""
+    source = NONLEAF.replace("model = torch.nn.Sequential(torch.nn.Linear(3, 2))", "layers = [torch.nn.Sequential(torch.nn.Linear(3, 2))]")
+    source = source.replace("gradprobe.trace(on_finding", "gradprobe.trace(layers[0], on_finding").replace("model[0]", "layers[0][0]")
+    (finding,) = [f for f in run(tmp_path, source) if f.code == "GP202"]
+    assert code_in(finding.fix) == ["b.retain_grad()"], finding.fix
+
+
 def test_nonleaf_grad_does_not_suggest_a_different_quantity(tmp_path: Path) -> None:
     """After `b = w * 2` the leaf's .grad is not b's gradient: only retain_grad() is suggested."""
     (finding,) = run(tmp_path, NONLEAF.replace("model[0].bias.double()", "model[0].bias * 2"))

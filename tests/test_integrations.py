@@ -55,8 +55,9 @@ def test_lightning_callback_traces_the_run(tmp_path: Path) -> None:
     last = callback.trace
     assert last is not None and last is callback.last and not last.active
     rows = {row.leaf.name: row for row in last.breakdown()}
-    assert rows["net.weight"].reached and rows["net.weight"].check is True
-    assert not rows["unused.weight"].reached
+    # named under the script's `model` (NOTE [leaf names]: Lightning's frames are skipped)
+    assert rows["model.net.weight"].reached and rows["model.net.weight"].check is True
+    assert not rows["model.unused.weight"].reached
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "gradprobe · step 1" in text and "Gradient breakdown" in text  # steps count from 0, as in the report
     assert lines.count("gradprobe report, step 1") == 1 and lines[-1] == "gradprobe report, end of run (after step 3)"
@@ -195,7 +196,6 @@ def test_transformers_callback_traces_the_run(tmp_path: Path) -> None:
 # optimizer.step() → on_train_batch_end, on_train_end or on_exception; HF Trainer: on_train_begin, per
 # step on_step_begin → micro-batch backward calls → on_pre_optimizer_step → optimizer.step() →
 # on_optimizer_step → zero_grad → global_step += 1 → on_step_end, on_train_end, and no exception event).
-
 
 
 class _Hooks:

@@ -99,7 +99,7 @@ def test_detached_head_fails_readably(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "*AssertionError: 2 of 6 traced parameters got no gradient from the trace's 1 backward call:",
-            "*  head_b: weight, bias",
+            "*  model.head_b: weight, bias",
             "*No loss reaches these parameters*",
         ]
     )

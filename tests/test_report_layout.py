@@ -92,7 +92,7 @@ def test_depth_none_shows_every_leaf_and_depth_one_folds_to_top_modules() -> Non
     assert len(body) == len(t.leaves)
     top = render(t, 160, depth=1)
     body = table_bodies(top)[0]
-    assert [line.split()[0] for line in body] == ["encoder.layer", "embeddings"] or len(body) == 2
+    assert [line.split()[0] for line in body] == ["model.encoder.layer", "model.embeddings"] or len(body) == 2
     with pytest.raises(ValueError, match="depth"):
         t.report(depth=0)
 
@@ -108,7 +108,7 @@ def test_folded_numbers_are_those_of_the_concatenated_gradient() -> None:
         b.backward()
     final = torch.cat([p.grad.flatten() for p in params])
     second = final - first
-    rows = [r for r in t.breakdown() if r.leaf.name.startswith("encoder.")]
+    rows = [r for r in t.breakdown() if r.leaf.name.startswith("model.encoder.")]
     g = group(rows)
     assert g.grad_norm == pytest.approx(final.norm().item(), rel=1e-5)
     assert g.part(0).norm == pytest.approx(first.norm().item(), rel=1e-5)

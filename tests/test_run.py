@@ -237,7 +237,7 @@ def test_aggregates_equal_a_brute_force_recomputation():
     assert t._run.folded_steps > 0  # some steps were folded, some are kept
     truth = _brute_force(b, batches)["steps"]
     run = t.run()
-    names = [leaf.name for leaf in t.leaves]
+    names = [leaf.name.removeprefix("model.") for leaf in t.leaves]  # traced as `model` in _train
     key_a, key_b = (loss_key(r) for r in t.records[-2:])
     for i, name in enumerate(names):
         for key, which in ((key_a, 0), (key_b, 1)):
@@ -267,7 +267,7 @@ def test_aggregates_equal_a_brute_force_recomputation():
                 assert math.isclose(agg.cos.low, min(cosines), rel_tol=1e-4, abs_tol=1e-6)
                 assert agg.conflicts == sum(c < 0 for c in cosines)
     # per module: the share of the module's .grad, and its norm at each step's end
-    trunk = run.modules["trunk"]
+    trunk = run.modules["model.trunk"]
     for key, which in ((key_a, 0), (key_b, 1)):
         expected = []
         for step in truth:

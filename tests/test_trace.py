@@ -56,7 +56,7 @@ def test_tensor_parts_sum_bitwise_to_grad(pre_existing: bool) -> None:
     rows = t.breakdown()
     assert rows and all(row.check is True for row in rows)
     for row, (name, p) in zip(rows, model.named_parameters()):
-        assert row.leaf.name == name
+        assert row.leaf.name == f"model.{name}"  # NOTE [leaf names]: under the variable
         total = None
         if pre_existing:
             assert row.carried_in is not None and row.carried_in.reason == "trace_start"
@@ -137,10 +137,10 @@ def test_two_backward_calls_equal_summed_loss() -> None:
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7)
     assert len(separate.records) == 2 and len(summed.records) == 1
-    trunk = next(r for r in separate.breakdown() if r.leaf.name == "stem.0.weight")
+    trunk = next(r for r in separate.breakdown() if r.leaf.name == "model.stem.0.weight")
     assert len(trunk.parts) == 2
     assert sum(p.share for p in trunk.parts) == pytest.approx(1.0, abs=1e-5)
-    head = next(r for r in separate.breakdown() if r.leaf.name == "cls_head.weight")
+    head = next(r for r in separate.breakdown() if r.leaf.name == "model.cls_head.weight")
     assert [p.record for p in head.parts] == [0], "the box loss never reaches the class head"
     assert summed.records[0].name == 'losses["cls"] + losses["box"]'
 
@@ -187,10 +187,10 @@ def test_inputs_restricts_parts() -> None:
     with gradprobe.trace(model, on_finding="record") as t:
         loss = model(x).sum()
         loss.backward(inputs=[model.fc2.weight])
-    assert t.records[0].inputs == ("fc2.weight",)
+    assert t.records[0].inputs == ("model.fc2.weight",)
     assert t.findings == []  # leaving parameters out with inputs= is deliberate, not "unreached"
     reached = {row.leaf.name for row in t.breakdown() if row.reached}
-    assert reached == {"fc2.weight"}
+    assert reached == {"model.fc2.weight"}
 
 
 def test_backward_from_another_thread_is_recorded() -> None:

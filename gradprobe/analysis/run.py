@@ -208,14 +208,15 @@ class ModuleRun:
     """One module (or the whole model, ``""``) over the run: per loss share and conflict, and ‖.grad‖."""
 
     __slots__ = (
-        "leaves", "share", "share_trend", "cos", "cos_trend", "conflict_steps", "compared_steps", "conflict_trend",
-        "grad_norm", "grad_trend",
+        "leaves", "share", "share_trend", "norm", "cos", "cos_trend", "conflict_steps", "compared_steps",
+        "conflict_trend", "grad_norm", "grad_trend",
     )
 
     def __init__(self) -> None:
         self.leaves: set[int] = set()
         self.share: dict[str, Agg] = {}  # loss -> per step share of the module's .grad
         self.share_trend: dict[str, Series] = {}
+        self.norm: dict[str, Agg] = {}  # loss -> per call ‖part‖ over the module's leaves
         self.cos: dict[str, Agg] = {}  # loss -> per part cosine with what the module's .grad held
         self.cos_trend: dict[str, Series] = {}  # the same per step (for plots: mean and worst per bucket)
         self.conflict_steps = 0  # steps in which some loss's part had cosine < 0 here
@@ -233,6 +234,7 @@ class ModuleRun:
         new.leaves = set(self.leaves)
         new.share = {k: v.copy() for k, v in self.share.items()}
         new.share_trend = {k: v.copy() for k, v in self.share_trend.items()}
+        new.norm = {k: v.copy() for k, v in self.norm.items()}
         new.cos = {k: v.copy() for k, v in self.cos.items()}
         new.cos_trend = {k: v.copy() for k, v in self.cos_trend.items()}
         new.conflict_trend = self.conflict_trend.copy()
@@ -440,6 +442,7 @@ class RunAggregates:
         self._module_ids: dict[str, int] = {"": 0}  # module name -> row ("": the whole model)
         self._leaves_of: dict[int, set[int]] = {}
         self._m_share, self._m_share_trend = AggTable(), SeriesTable()  # (module, loss), per step
+        self._m_norm = AggTable()  # (module, loss), per call: ‖part‖ over the module's leaves
         self._m_cos, self._m_cos_trend = AggTable(), SeriesTable()  # (module, loss), per call
         self._m_conflicts = _Counts()  # (module, 0): steps in conflict; (module, 1): steps compared
         self._m_conflict_trend = SeriesTable()
@@ -450,7 +453,7 @@ class RunAggregates:
         new.losses = {k: v.copy() for k, v in self.losses.items()}
         new._module_ids = dict(self._module_ids)
         new._leaves_of = {k: set(v) for k, v in self._leaves_of.items()}
-        for name in ("_m_share", "_m_share_trend", "_m_cos", "_m_cos_trend", "_m_conflicts", "_m_conflict_trend",
+        for name in ("_m_share", "_m_share_trend", "_m_norm", "_m_cos", "_m_cos_trend", "_m_conflicts", "_m_conflict_trend",
                      "_m_grad", "_m_grad_trend"):
             setattr(new, name, getattr(self, name).copy())
         new.folded_steps, new.records = self.folded_steps, self.records
@@ -568,6 +571,13 @@ class RunAggregates:
         s_, m_, k_ = ok // (m_count * k_count), ok // k_count % m_count, ok % k_count
         self._m_share.add(m_, k_, s_ + first_step, share[ok])
         self._m_share_trend.add(m_, k_, s_ + first_step, share[ok])
+        call_col = torch.zeros(r_count, dtype=torch.long)
+        call_col[p.record - rec_base] = p.col
+        # each call's ‖part‖ over the module: √(Σ ‖part_leaf‖²)
+        every, slot = torch.unique((step * m_count + both) * r_count + (p.record[twice] - rec_base), return_inverse=True)
+        square = torch.zeros(every.numel(), dtype=f64).index_add_(0, slot, p.norm[twice] ** 2)
+        s_, m_, r_ = every // (m_count * r_count), every // r_count % m_count, every % r_count
+        self._m_norm.add(m_, call_col[r_], s_ + first_step, square.sqrt())
         # cosine of each call's part with what the module's .grad held: Σ dot / √(Σ before² · Σ part²)
         valid = ~torch.isnan(p.before[twice]) & p.finite[twice] & ~torch.isnan(p.dot[twice])
         calls, slot = torch.unique(((step * m_count + both) * r_count + (p.record[twice] - rec_base))[valid], return_inverse=True)
@@ -577,8 +587,6 @@ class RunAggregates:
         sums[2].index_add_(0, slot, p.norm[twice][valid] ** 2)
         compared = ((sums[1] > 0) & (sums[2] > 0)).nonzero().view(-1)
         cos = (sums[0, compared] / (sums[1, compared] * sums[2, compared]).sqrt()).clamp(-1.0, 1.0)
-        call_col = torch.zeros(r_count, dtype=torch.long)
-        call_col[p.record - rec_base] = p.col
         compared = calls[compared]
         s_, m_, r_ = compared // (m_count * r_count), compared // r_count % m_count, compared % r_count
         self._m_cos.add(m_, call_col[r_], s_ + first_step, cos)
@@ -615,6 +623,9 @@ class RunAggregates:
                 if share.n:
                     run.share[key] = share
                     run.share_trend[key] = self._m_share_trend.series(m, col) or Series()
+                norm = self._m_norm.agg(m, col)
+                if norm.n:
+                    run.norm[key] = norm
                 cos = self._m_cos.agg(m, col)
                 if cos.n:
                     run.cos[key] = cos

@@ -37,6 +37,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from gradprobe.capture.targets import matching_names
+
 if TYPE_CHECKING:
     import torch
 
@@ -269,9 +271,12 @@ class Split:
         return "; ".join(parts) or "Σ: nothing to check"
 
     def leaf(self, name: str) -> LeafSplit:
-        for leaf in self.leaves:
-            if leaf.leaf.name == name:
-                return leaf
+        """The leaf called ``name``: its full name or a dotted tail of it (``fc1.weight`` for ``model.fc1.weight``)."""
+        found = matching_names((x.leaf.name for x in self.leaves), name)
+        if len(found) == 1:
+            return next(x for x in self.leaves if x.leaf.name == found[0])
+        if found:
+            raise KeyError(f"{name!r} is ambiguous in this split, it ends {found}; use the full name")
         raise KeyError(f"no leaf named {name!r} in this split; leaves: {[x.leaf.name for x in self.leaves]}")
 
     def to_dict(self) -> dict[str, object]:

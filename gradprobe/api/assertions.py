@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gradprobe.capture.sites import name_in_frame, user_frame
+from gradprobe.capture.targets import LeafNamer
 
 if TYPE_CHECKING:
     from gradprobe.analysis.breakdown import LeafBreakdown
@@ -84,7 +85,7 @@ class TraceAssertions:
         if targets:
             by_tensor = {id(row.leaf.tensor): row for row in rows if row.leaf.tensor is not None}
             checked = [(name, by_tensor.get(id(p))) for name, p in _named_leaves(targets, user_frame(1))]
-            missing = [name for name, row in checked if row is None or not row.reached]
+            missing = [row.leaf.name if row else name for name, row in checked if row is None or not row.reached]
             total = len(checked)
         else:
             missing = [row.leaf.name for row in rows if not row.reached]
@@ -245,9 +246,9 @@ class TraceAssertions:
                 )
             return row.leaf.name, [row]
         if isinstance(target, nn.Module):
-            label = name_in_frame(user_frame(1), target) or type(target).__name__
             params = [p for p in target.parameters() if p.requires_grad]
             found = [by_tensor[id(p)] for p in params if id(p) in by_tensor]
+            label = name_in_frame(user_frame(1), target) or _common_module(found) or type(target).__name__
             if not found:
                 raise ValueError(f"assert_share(): no parameter of {label} is recorded by this trace")
             return label, found
@@ -302,18 +303,43 @@ def _sum_shares(shares: list[float | None]) -> float | None:
     return sum(s for s in shares if s is not None)
 
 
-def _named_leaves(targets: tuple[Any, ...], frame: Any) -> list[tuple[str, torch.Tensor]]:
-    out: list[tuple[str, torch.Tensor]] = []
+def _common_module(rows: list[LeafBreakdown]) -> str | None:
+    """The module path the rows' leaves share (``model.cls_head``), named by the trace's rule."""
+    paths = [row.leaf.module.split(".") for row in rows if row.leaf.module]
+    if not paths or len(paths) != len(rows):
+        return None
+    common = paths[0]
+    for path in paths[1:]:
+        n = 0
+        while n < min(len(common), len(path)) and common[n] == path[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common) or None
+
+
+def _flat_targets(targets: tuple[Any, ...] | list[Any]) -> list[Any]:
+    flat: list[Any] = []
     for target in targets:
-        if isinstance(target, nn.Module):
-            prefix = name_in_frame(frame, target) or type(target).__name__
-            out += [(f"{prefix}.{q}", p) for q, p in target.named_parameters() if p.requires_grad]
-        elif isinstance(target, torch.Tensor):
-            out.append((name_in_frame(frame, target) or f"tensor of shape {tuple(target.shape)}", target))
-        elif isinstance(target, (list, tuple)):
-            out += _named_leaves(tuple(target), frame)
+        if isinstance(target, (list, tuple)):
+            flat += _flat_targets(target)
+        elif isinstance(target, (nn.Module, torch.Tensor)):
+            flat.append(target)
         else:
             raise TypeError(f"assert_all_reached() takes modules or tensors, got {type(target).__name__}")
+    return flat
+
+
+def _named_leaves(targets: tuple[Any, ...], frame: Any) -> list[tuple[str, torch.Tensor]]:
+    """The parameters of ``targets``, named as the trace names leaves (NOTE [leaf names])."""
+    flat = _flat_targets(targets)
+    namer = LeafNamer(frame, [t for t in flat if isinstance(t, nn.Module)])
+    out: list[tuple[str, torch.Tensor]] = []
+    for target in flat:
+        if isinstance(target, nn.Module):
+            out += [(name, p) for p, name, _ in namer.parameters_of(target)]
+        else:
+            named = namer.name(target)
+            out.append((named[0] if named else f"tensor of shape {tuple(target.shape)}", target))
     return out
 
 

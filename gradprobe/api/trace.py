@@ -87,6 +87,14 @@ def trace(
         every: measure the parts of every N-th step only (steps 0, N, 2N, ...); backward calls of the
             other steps are still seen by the detectors. The run report says which steps were measured.
 
+    Leaves are named by one rule, however they were passed: a parameter by its path under the
+    outermost module in scope that holds it, behind the variable naming that module
+    (``model.backbone.0.weight`` for ``trace(model)``, ``trace(model.backbone)`` and
+    ``trace(model.parameters())`` alike; in scope: the caller's locals, its globals, and modules held
+    by attributes of ``self``); a module no variable holds by its class (``Sequential.0.weight``); a
+    loose tensor by its variable, else ``tensor#N[shape]``. ``Leaf.module`` is the name up to its
+    last dot. See NOTE [leaf names] in ``gradprobe/capture/targets.py`` and the README.
+
     Example::
 
         with gradprobe.trace(model) as t:

@@ -82,8 +82,10 @@ def describe_call(
     retain = params.get("retain_graph")
     retain_graph = create_graph if retain is None else bool(retain)
     name = _name(roots, site, frame, names, method, kind, index)
-    if site is not None and library_of(site.filename):  # NOTE [library call sites] in sites.py
-        site = site_of(caller_outside_libraries(frame)) or site
+    library = library_of(site.filename) if site is not None else None
+    if library:  # NOTE [library call sites] in sites.py: the user's line, said to be inside the library
+        moved = site_of(caller_outside_libraries(frame))
+        site = moved._replace(library=library) if moved is not None else site
     return BackwardCall(
         index=index,
         kind=kind,

@@ -61,7 +61,9 @@ def user_frame(depth: int = 1) -> FrameType | None:
 # which tells the user nothing. A backward call's site is then the first frame further up that is
 # outside these libraries: the script line that called `trainer.fit()` / `trainer.train()`. The
 # call keeps its name from the library's line (`loss`), and detectors keep the library frame for
-# its locals. Only the libraries below are skipped: a user's own package in site-packages is code
+# its locals. The moved site says where the call really was: `Site.library` ("accelerate"), shown
+# as `train.py:40 (inside accelerate)` in the calls table, findings and `to_dict()`
+# ("site_library"). Only the libraries below are skipped: a user's own package in site-packages is code
 # they can change.
 _TRAINING_LIBRARIES = frozenset(
     {

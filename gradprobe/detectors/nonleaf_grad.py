@@ -17,7 +17,7 @@ import linecache
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from gradprobe.capture.sites import Site, name_in_frame, user_frame
+from gradprobe.capture.sites import Site, frame_locals, name_in_frame, user_frame
 from gradprobe.detectors._common import assignment_site, op_name
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
@@ -141,6 +141,8 @@ class NonLeafGrad:
             related.append(RelatedSite(read.filename, read.lineno, f"reads `{name}.grad`"))
         fix = f"call `{name}.retain_grad()` before the backward" + (f" (right after line {made.lineno})" if made else "")
         expr = python_expr(leaf) if leaf and type(node).__name__ in _SAME_GRADIENT else None
+        if expr and not _names_a_variable(frame, expr):  # `Sequential[0].bias`: a class, no variable
+            expr = None
         if expr:  # a cast or a view: the leaf's gradient holds the same numbers (NOTE [leaf alternative])
             fix += f", or read the leaf's gradient, `{expr}.grad`"
         if ahead:
@@ -219,6 +221,21 @@ def python_expr(name: str) -> str | None:
         else:
             return None
     return out
+
+
+def _names_a_variable(frame: FrameType | None, expr: str) -> bool:
+    """Whether ``expr`` starts with a variable (not a class) of ``frame`` or of a frame that called it.
+
+    A leaf no variable holds is named by its module's class (``Sequential.0.bias``, NOTE [leaf
+    names]), which is no Python to suggest.
+    """
+    root = expr.split(".", 1)[0].split("[", 1)[0]
+    while frame is not None:
+        for scope in (frame_locals(frame), frame.f_globals):
+            if root in scope:
+                return not isinstance(scope[root], type)
+        frame = frame.f_back
+    return False
 
 
 def _source_leaf(trace: Trace, frame: FrameType | None, node: Any) -> str | None:

@@ -59,7 +59,8 @@ class BackwardRecord:
         return {
             "index": self.index,
             "name": self.name,
-            "site": list(self.site) if self.site else None,
+            "site": self.site.to_list() if self.site else None,
+            "site_library": self.site.library if self.site else None,
             "retain_graph": self.retain_graph,
             "kind": self.kind,
             "create_graph": self.create_graph,

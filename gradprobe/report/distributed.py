@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Group
 from rich.text import Text
 
+from gradprobe.capture.targets import matching_names
 from gradprobe.findings import Finding
 from gradprobe.report.layout import Column, fitted_table
 from gradprobe._format import check_cell, number
@@ -159,9 +160,12 @@ class MergedTrace:
         return [leaf for leaf in self.leaves if not leaf.in_sync]
 
     def leaf(self, name: str) -> LeafAcrossRanks:
-        for leaf in self.leaves:
-            if leaf.name == name:
-                return leaf
+        """The leaf called ``name``: its full name or a dotted tail of it (``fc1.weight`` for ``model.fc1.weight``)."""
+        found = matching_names((leaf.name for leaf in self.leaves), name)
+        if len(found) == 1:
+            return next(leaf for leaf in self.leaves if leaf.name == found[0])
+        if found:
+            raise KeyError(f"{name!r} is ambiguous in the merged trace, it ends {found}; use the full name")
         raise KeyError(f"no leaf named {name!r} in the merged trace; leaves: {[leaf.name for leaf in self.leaves]}")
 
     def report(self, console: Console | None = None) -> None:

@@ -53,8 +53,10 @@ def last_step(trace: Trace) -> int:
     return records[-1].step if records else max(trace.current_step - 1, 0)
 
 
-def _share_cell(agg: Agg | None, trend: Series | None) -> Text:
+def _share_cell(agg: Agg | None, trend: Series | None, norm: Agg | None) -> Text:
     if agg is None or agg.n == 0:
+        if norm is not None and norm.n:  # reached, share unknown (3+ parts in keep="stats"): its size
+            return Text(f"‖{number(norm.mean)}‖", style="")
         return Text("·", style="dim")
     mean = agg.mean or 0.0
     text = Text(f"{mean * 100:.0f}%", style="bold red" if mean < 0 else "bold")
@@ -98,7 +100,7 @@ def run_table(trace: Trace, run: RunAggregates, width: int) -> Group:
     labels = [Text(name, style="bold" if name == "(all)" else "") for name, _ in rows]
     columns = [Column("module", labels, justify="left", shrink=10)]
     for i, info in enumerate(shown_losses):
-        cells = [_share_cell(m.share.get(info.key), m.share_trend.get(info.key)) for _, m in rows]
+        cells = [_share_cell(m.share.get(info.key), m.share_trend.get(info.key), m.norm.get(info.key)) for _, m in rows]
         header = Text(info.name, style="bold")
         header.append(f"\nshare · {info.calls.n:,} calls", style="dim")
         columns.append(Column(header, cells, drop=10 + i if i else 0, dropped=f"loss {info.name}"))
@@ -117,11 +119,10 @@ def run_table(trace: Trace, run: RunAggregates, width: int) -> Group:
         notes.append("left out at this width: " + ", ".join(dropped))
     if trace.every > 1:
         notes.append(f"parts measured every {trace.every} steps (steps 0, {trace.every}, {2 * trace.every}, …)")
-    unknown = [info.name for info in shown_losses if not any(m.share.get(info.key) for _, m in rows)]
-    if unknown:
+    if any(info.key in m.norm and info.key not in m.share for info in shown_losses for _, m in rows):
         notes.append(
-            f"no share for {', '.join(unknown)}: 3+ contributions to one .grad need trace(keep='tensors'), "
-            "or .grad is never reset between steps"
+            "‖x‖: mean norm of the loss's part where its share is unknown (3+ contributions to one .grad "
+            "need trace(keep='tensors'), or .grad was not reset between steps)"
         )
     legend = (
         "share: of the module's .grad at the end of each step · cos<0: the fraction of steps in which a loss's "

@@ -316,7 +316,7 @@ def findings_panel(
         if f.site:
             head.append(f"{f.site}  ", style="cyan")
         seen = counts.get((f.code, f.site)) if counts is not None else None
-        if seen is not None and seen[0] > 1:
+        if seen is not None and seen[0] > 1 and seen[1] != seen[2]:
             head.append(f"×{seen[0]:,} in steps {seen[1]:,}–{seen[2]:,}  ", style="magenta")
         elif f.step:
             head.append(f"step {f.step:,}  ", style="magenta")

@@ -3,7 +3,9 @@
 # NOTE [folding]
 # A model with hundreds of parameter tensors gives a report nobody reads. Leaves are grouped by
 # the dotted path of their names (``backbone.body.layer1.0.conv1.weight``); a chain of modules with
-# one child each is shown as one row (``backbone.body``). Up to ``MAX_ROWS`` leaves are shown flat,
+# one child each is shown as one row (``backbone.body``), and the module every leaf is under (the
+# ``model`` of ``model.backbone…``) is no level of its own: its children are the top rows, named in
+# full (``model.backbone``). Up to ``MAX_ROWS`` leaves are shown flat,
 # one row each, in model order. Above that the tree is cut at the deepest level that fits in about
 # ``MAX_ROWS`` rows, each module shows its ``CHILDREN`` largest children (by ‖.grad‖) and one
 # "… N more" row for the rest, and a folded module's numbers are those of all its leaves together,
@@ -160,6 +162,12 @@ def _build(rows: list[LeafBreakdown]) -> _Node:
             node = child
         node.own = row
     _collapse(root)
+    if len(root.children) == 1:  # every leaf under one model (`model.…`, NOTE [leaf names]): its modules are the top
+        (top,) = root.children.values()
+        if top.own is None:
+            for child in top.children.values():
+                child.label = f"{top.label}.{child.label}"
+            root.children = top.children
     return root
 
 

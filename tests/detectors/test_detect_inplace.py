@@ -124,7 +124,7 @@ def test_optimizer_step_between_backwards() -> None:
     (finding,) = problems(t)
     assert finding.code == "GP302" and any(r.lineno == step for r in finding.related)
     assert "optimizer.step()" in finding.fix and "addcdiv_" in finding.message
-    assert "`2.weight`" in finding.message or "`2.bias`" in finding.message
+    assert "`m.2.weight`" in finding.message or "`m.2.bias`" in finding.message
 
 
 def test_foreach_optimizer_step_on_saved_parameter() -> None:

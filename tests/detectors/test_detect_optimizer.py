@@ -45,7 +45,7 @@ def test_optimizer_built_on_a_model_replaced_since() -> None:
     (finding,) = [f for f in t.findings if f.code == "GP801"]
     assert finding.severity == "error" and finding.site is not None and finding.site.lineno == step
     assert [r.lineno for r in finding.related] == [built]
-    assert "`opt.step()` updates nothing" in finding.message and "`0.weight`" in finding.message
+    assert "`opt.step()` updates nothing" in finding.message and "`model.0.weight`" in finding.message
     assert codes(t) == ["GP801"]
 
 
@@ -68,7 +68,7 @@ def test_layer_replaced_after_the_optimizer() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model[2] = nn.Linear(8, 2)
     (finding,) = [f for f in _train(model, opt).findings if f.code == "GP802"]
-    assert finding.data["leaves"] == ["2.weight", "2.bias"]
+    assert finding.data["leaves"] == ["model.2.weight", "model.2.bias"]
 
 
 def test_layer_replaced_before_the_optimizer_is_clean() -> None:

@@ -48,7 +48,7 @@ def test_gp101_carries_the_shared_subgraph() -> None:
     named = {n["name"]: n["line"][1] for n in nodes if n.get("name")}
     assert named == {"hidden": lines["hidden"], "feats": lines["feats"]}
     assert all(n["state"] == "freed" for n in nodes)
-    assert any("backbone.0.weight" in n["params"] for n in nodes)
+    assert any("model.backbone.0.weight" in n["params"] for n in nodes)
     json.dumps(gp101.to_dict())  # JSON-safe, for to_dict() and the CLI's --json
 
 
