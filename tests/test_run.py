@@ -385,3 +385,77 @@ def test_series_stays_bounded_and_keeps_the_mean():
     assert points[0][0] == 0 and points[-1][1] == 9_999
     total = sum(b[2] for b in s.buckets)
     assert total == sum(range(10_000))
+
+
+def test_an_early_nan_is_still_reported_after_its_step_was_folded():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(4, 2)
+    with gradprobe.trace(model, on_finding="record", window=2, detect="all") as t:
+        for step in range(40):
+            opt.zero_grad()
+            loss = model(x).sum()
+            if step == 5:
+                loss = loss * float("nan")
+            loss.backward()
+            opt.step()
+    assert t._run.folded_steps > 5
+    (gp601,) = [f for f in t.findings if f.code == "GP601"]
+    assert gp601.step == 5 and "model.weight" in gp601.message
+    (gp602,) = [f for f in t.findings if f.code == "GP602"]
+    assert gp602.step == 5
+
+
+def _sizes(t: gradprobe.Trace) -> dict[str, int]:
+    """Lengths of every container a plugin or the recorder holds, and the ledger's kept entries."""
+    out = {}
+    for name in t.plugin_names:
+        for key, value in vars(t._plugins.get_plugin(name)).items():
+            if isinstance(value, (list, dict, set)):
+                out[f"{name}.{key}"] = len(value)
+    for key, value in vars(t._recorder).items():
+        if isinstance(value, (list, dict, set)):
+            out[f"recorder.{key}"] = len(value)
+    out["findings"] = len(t.findings)
+    out["parts"] = sum(len(s.parts) for s in t._ledger.leaves)
+    out["records"] = len(t._ledger.records.kept)
+    return out
+
+
+def test_nothing_a_trace_holds_grows_with_the_number_of_steps():
+    def run(steps: int) -> dict[str, int]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gradprobe.trace(model, on_finding="record", window=4, detect="all", decompose="every:5") as t:
+            for _ in range(steps):
+                opt.zero_grad()
+                h = model(torch.randn(3, 4))
+                l1, l2 = h.sum(), h.pow(2).mean()
+                l1.backward(retain_graph=True)
+                l2.backward()
+                opt.step()
+            return _sizes(t)
+
+    short, long = run(300), run(1200)  # both past the thresholds at which plugins forget (1,024 entries)
+    bound = 1024 + 64  # a plugin may keep up to 1,024 entries before it forgets the dead ones
+    grew = {k: (short.get(k), v) for k, v in long.items() if v > max(short.get(k, 0) * 1.5 + 8, bound)}
+    assert not grew, grew
+
+
+def test_a_hand_written_loop_with_sampling_keeps_its_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    with gradprobe.trace(model, every=3) as t:
+        for _ in range(7):
+            x = torch.randn(2, 4)
+            model(x).sum().backward()
+            model(x).pow(2).sum().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            model.zero_grad()
+    assert [r.step for r in t.records] == [s for s in range(7) for _ in range(2)]
+    measured = {t._ledger.records[p.record].step for s in t._ledger.leaves for p in s.parts}
+    assert measured == {0, 3, 6}

@@ -432,6 +432,8 @@ class RunAggregates:
         self.folded_steps = 0  # steps folded so far (0 .. folded_steps - 1)
         self.records = 0  # backward calls folded
         self._running: dict[int, tuple[int, float]] = {}  # leaf -> (open epoch, ‖.grad‖² so far)
+        # the first backward call with a NaN/Inf part, and the leaves it had them in (for GP601 once folded)
+        self.first_nonfinite: tuple[BackwardRecord, list[int]] | None = None
         self._column: dict[str, int] = {}  # loss key -> its column in the tables
         self._norm = AggTable()  # per part
         self._share = AggTable()  # per step
@@ -458,6 +460,7 @@ class RunAggregates:
             setattr(new, name, getattr(self, name).copy())
         new.folded_steps, new.records = self.folded_steps, self.records
         new._running = dict(self._running)
+        new.first_nonfinite = self.first_nonfinite
         new._column = dict(self._column)
         new._norm, new._share, new._cos = self._norm.copy(), self._share.copy(), self._cos.copy()
         new._conflicts, new._nonfinite, new._steps = self._conflicts.copy(), self._nonfinite.copy(), self._steps.copy()
@@ -498,6 +501,11 @@ class RunAggregates:
         self.records += len(records)
         parts = _collect(ledger, upto, self._running, closed, {r.index: r.step for r in records}, column)
         if parts is not None:
+            if self.first_nonfinite is None and not bool(parts.finite.all()):
+                bad = ~parts.finite
+                first = int(parts.record[bad].min())
+                leaves = parts.leaf[bad & (parts.record == first)].unique().tolist()
+                self.first_nonfinite = (next(r for r in records if r.index == first), leaves)
             self._add_leaves(parts)
             self._add_modules(parts, ledger)
 

@@ -208,7 +208,12 @@ class Trace(TraceLifecycle, TraceViews, TraceAssertions):
 
     @property
     def records(self) -> tuple[BackwardRecord, ...]:
-        """One :class:`BackwardRecord` per backward / autograd.grad call, in call order."""
+        """One :class:`BackwardRecord` per backward / autograd.grad call, in call order.
+
+        Only the calls of the steps still kept in full (the last ``window`` or more): older ones are
+        folded into :meth:`run`. ``record.index`` counts every call since the trace began, so it is the
+        position here only while nothing was folded.
+        """
         return tuple(self._ledger.records)
 
     @property

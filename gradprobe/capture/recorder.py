@@ -317,15 +317,15 @@ class Recorder:
 
     def _grads_reset(self) -> bool:
         """Whether the step's sentinel leaf lost the `.grad` its last part left (NOTE [steps] in steps.py)."""
-        state = self.ledger.sentinel
+        ledger = self.ledger
+        state = ledger.sentinel
         tensor = state.ref() if state is not None else None  # type: ignore[misc]
-        if state is None or tensor is None:
+        if state is None or tensor is None or ledger.sentinel_grad is None:
             return False
         grad = tensor.grad
         if state.reduced is not None and state.reduced.holds(grad):
             return False
-        after = state.after() if state.after is not None else None
-        return grad is None or grad is not after or grad._version != state.after_version
+        return grad is None or grad is not ledger.sentinel_grad() or grad._version != ledger.sentinel_version
 
     def forget_before(self, index: int) -> None:
         """Records before ``index`` were folded away: drop what the recorder still knows of them."""

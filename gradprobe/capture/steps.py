@@ -119,7 +119,7 @@ class Steps:
         self.count += 1
         self.first_record = len(recorder.ledger.records)
         recorder.ledger.step = self.count
-        recorder.ledger.sentinel = None
+        recorder.ledger.sentinel = recorder.ledger.sentinel_grad = None
         if self._after and how == "optimizer":
             self._run(self._after, event, "optimizer step post-hook")
         if self._end:

@@ -98,6 +98,8 @@ class FreedGraph:
         roots = [r.grad_fn for r in call.roots if r.grad_fn is not None]
         if not roots:
             return
+        if len(self._backwarded) >= 1024:  # a long run: forget the roots that are gone
+            self._backwarded = {k: r for k, r in self._backwarded.items() if r() is not None}
         for root in call.roots:
             self._backwarded[id(root)] = weakref.ref(root)
         found = walk(call)

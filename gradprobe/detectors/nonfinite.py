@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradprobe.capture.sites import frame_locals, user_frame
+from gradprobe.capture.steps import steps_of
 from gradprobe.capture.transforms import functorch_active
 from gradprobe.detectors._common import ledger_facts
 from gradprobe.findings import Finding
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 
     from gradprobe.api.trace import Trace
+    from gradprobe.ledger.records import BackwardRecord
 
 __all__ = ["NonFinite", "NonFiniteModules"]
 
@@ -51,8 +53,10 @@ class NonFinite:
             # a leaf is named once per record, however many parts it has there (a reentrant checkpoint)
             for record_index in dict.fromkeys(r for r, finite in parts if not finite):
                 bad_by_record.setdefault(record_index, []).append(names[leaf])
-        for record in trace.records:
-            bad = bad_by_record.get(record.index)
+        folded = trace._run.first_nonfinite  # an older one, in a step no longer kept in full (NOTE [window])
+        found = [(folded[0], [names[i] for i in folded[1]])] if folded is not None else []
+        found += [(record, bad_by_record[record.index]) for record in trace.records if record.index in bad_by_record]
+        for record, bad in found[:1]:
             if bad:
                 shown = ", ".join(f"`{n}`" for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
                 return [
@@ -66,6 +70,7 @@ class NonFinite:
                         "trace(detect=\"all\") names the module that produced it",
                         plugin="nonfinite",
                         data={"record": record.index, "leaves": bad},
+                        step=record.step,
                     )
                 ]
         return []
@@ -92,11 +97,13 @@ class NonFiniteModules:
         self._error: Exception | None = None  # raised inside a tensor hook, re-raised at collection
         self._thread: int | None = None
         self._names: dict[int, str] = {}
-        # (record, seq, [(module, side), ...] of the watched tensor, flag)
-        self._flags: list[tuple[int, int, list[tuple[str, str]], torch.Tensor]] = []
+        # (record, seq, [(module, side), ...] of the watched tensor, flag); the record itself, which
+        # outlives the window (NOTE [window] in analysis/run.py)
+        self._flags: list[tuple[BackwardRecord, int, list[tuple[str, str]], torch.Tensor]] = []
         self._watched: dict[int, tuple[Any, list[tuple[str, str]]]] = {}  # id(tensor) -> (weakref, roles)
         self._leaves: dict[int, tuple[Any, list[tuple[str, str]]]] = {}  # the same, for leaves (whole trace)
         self._seq = itertools.count()
+        self._bad: tuple[BackwardRecord | None, list[tuple[str, str]]] | None = None  # the first non-finite flag
 
     @hookimpl
     def gradprobe_trace_start(self, trace: Trace) -> None:
@@ -123,6 +130,28 @@ class NonFiniteModules:
 
         with torch._C.DisableTorchFunction():
             trace.own(torch.nn.modules.module.register_module_forward_hook(on_forward))
+        steps_of(trace).on_end(self.gradprobe_name, self._on_step_end)
+
+    def _on_step_end(self, trace: Trace, event: Any) -> None:
+        """A long run: read the flags back once they pile up (one transfer), so they never grow without bound."""
+        if len(self._flags) >= _DRAIN_AT:
+            self._drain(trace)
+
+    def _drain(self, trace: Trace) -> None:
+        """Read the flags back; keep the first non-finite one (its record, while the ledger still has it)."""
+        if not self._flags:
+            return
+        import math
+
+        values = [math.isfinite(v) for v in torch.stack([f[3].double() for f in self._flags]).cpu().tolist()]
+        flags, self._flags = self._flags, []
+        if self._bad is not None:
+            return
+        ordered = sorted(zip(flags, values), key=lambda fv: (fv[0][0].index, fv[0][1]))
+        for (record, _, roles, _), ok in ordered:
+            if not ok:
+                self._bad = (record, roles)
+                return
 
     def _watch_all(self, trace: Trace, trace_ref: Any, name: str, args: Any, output: Any) -> None:
         for side, value in (("in", args), ("out", output)):
@@ -152,8 +181,10 @@ class NonFiniteModules:
                 return
             if record.index in trace._recorder._quiet_records:  # is_grads_batched: vmapped gradients
                 return
+            if self._bad is not None:
+                return  # the first non-finite gradient is found: it is the one reported
             flag = grad.sum()
-        self._flags.append((record.index, next(self._seq), roles, flag))
+        self._flags.append((record, next(self._seq), roles, flag))
 
     @hookimpl
     def gradprobe_before_backward(self, trace: Trace, call: Any) -> None:
@@ -170,46 +201,40 @@ class NonFiniteModules:
         if self._error is not None:
             error, self._error = self._error, None
             raise error  # the plugin host turns it into GP000
-        if not self._flags:
+        self._drain(trace)
+        if self._bad is None:
             return []
-        import math
-
-        values = [math.isfinite(v) for v in torch.stack([f[3].double() for f in self._flags]).cpu().tolist()]
-        flags, self._flags = self._flags, []
-        ordered = sorted(zip(flags, values), key=lambda fv: (fv[0][0], fv[0][1]))
-        for (record, _, roles, _), ok in ordered:
-            if ok:
-                continue
-            # a tensor that is some module's input: that module (its consumer) turned a finite
-            # gradient into a non-finite one; only an output: the gradient came in non-finite
-            module, side = next(((m, s) for m, s in roles if s == "in"), roles[-1])
-            rec = trace._ledger.records.get(record)
-            loss = f"`{rec.name}`" if rec else "a backward"
-            if side == "in":
-                message = (
-                    f"in the backward of {loss}, module `{module}` turned a finite gradient into NaN/Inf "
-                    "(its output's gradient is finite, its input's is not)"
-                )
-                fix = f"look at `{module}`'s forward for values where its derivative blows up (log/sqrt/div near 0, overflow)"
-            else:
-                message = (
-                    f"in the backward of {loss}, the gradient reaching module `{module}`'s output is already "
-                    "NaN/Inf: the loss itself, or an op outside any module, produced it"
-                )
-                fix = "check the loss computation after the model's output (log(0), division by zero, overflow)"
-            return [
-                Finding(
-                    code="GP602",
-                    kind="nonfinite",
-                    severity="error",
-                    message=message,
-                    site=rec.site if rec else None,
-                    fix=fix,
-                    plugin="nonfinite_modules",
-                    data={"module": module, "side": side},
-                )
-            ]
-        return []
+        rec, roles = self._bad
+        self._bad = None
+        # a tensor that is some module's input: that module (its consumer) turned a finite
+        # gradient into a non-finite one; only an output: the gradient came in non-finite
+        module, side = next(((m, s) for m, s in roles if s == "in"), roles[-1])
+        loss = f"`{rec.name}`" if rec else "a backward"
+        if side == "in":
+            message = (
+                f"in the backward of {loss}, module `{module}` turned a finite gradient into NaN/Inf "
+                "(its output's gradient is finite, its input's is not)"
+            )
+            fix = f"look at `{module}`'s forward for values where its derivative blows up (log/sqrt/div near 0, overflow)"
+        else:
+            message = (
+                f"in the backward of {loss}, the gradient reaching module `{module}`'s output is already "
+                "NaN/Inf: the loss itself, or an op outside any module, produced it"
+            )
+            fix = "check the loss computation after the model's output (log(0), division by zero, overflow)"
+        return [
+            Finding(
+                code="GP602",
+                kind="nonfinite",
+                severity="error",
+                message=message,
+                site=rec.site if rec else None,
+                fix=fix,
+                plugin="nonfinite_modules",
+                data={"module": module, "side": side},
+                step=rec.step if rec else None,
+            )
+        ]
 
 
 class _Flagger:
@@ -233,6 +258,7 @@ class _Flagger:
             self.plugin._error = exc
 
 
+_DRAIN_AT = 1024  # flags kept before a step end reads them back (bounded memory over a long run)
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
 
 

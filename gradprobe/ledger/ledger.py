@@ -196,7 +196,11 @@ class Ledger:
         self.records = RecordLog()
         self.leaves: list[LeafState] = []
         self.step = 0  # the training step running now (NOTE [steps] in capture/steps.py)
-        self.sentinel: LeafState | None = None  # the first leaf given a part in this step
+        # NOTE [steps] in capture/steps.py: the first leaf given a part in this step, and the `.grad` its
+        # last backward left (measured or not), to tell a reset in a loop without an optimizer
+        self.sentinel: LeafState | None = None
+        self.sentinel_grad: weakref.ReferenceType[torch.Tensor] | None = None
+        self.sentinel_version = -1
         self.lock = threading.RLock()  # reentrant: an unseen backward's record is added under it
         self.version = 0  # bumped on every change, so read-backs know when to refresh
         self.pending: list[LeafState] = []  # leaves with a deferred part (NOTE [deferred stats])
@@ -318,9 +322,13 @@ class Ledger:
         if state.deferred is not None:
             self._settle(state)
         state.skipped = True
+        if self.sentinel is None:
+            self.sentinel = state
 
     def on_accumulated(self, state: LeafState, grad: torch.Tensor | None) -> None:
         """Remember the `.grad` AccumulateGrad left (post-accumulate hook)."""
+        if state is self.sentinel and grad is not None:
+            self.sentinel_grad, self.sentinel_version = weakref.ref(grad), grad._version
         if state.skipped:  # .grad now holds an unmeasured part: the next measured one opens an epoch
             state.skipped = False
             state.unmeasured = True
