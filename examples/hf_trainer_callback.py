@@ -1,4 +1,4 @@
-"""Hugging Face Trainer: GradProbeCallback traces every optimizer step of a tiny, locally built BERT.
+"""Hugging Face Trainer: GradProbeCallback traces the run of a tiny, locally built BERT under one trace.
 
     pip install 'gradprobe[transformers]'
     python examples/hf_trainer_callback.py
@@ -53,11 +53,11 @@ def main():
     model = transformers.BertForSequenceClassification(config)
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
-            output_dir=out, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+            output_dir=out, max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
             report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
         )
         trainer = transformers.Trainer(
-            model=model, args=args, train_dataset=Tokens(), callbacks=[GradProbeCallback(every_n_steps=1)]
+            model=model, args=args, train_dataset=Tokens(), callbacks=[GradProbeCallback(every_n_steps=2)]
         )
         trainer.train()
 

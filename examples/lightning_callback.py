@@ -1,4 +1,4 @@
-"""PyTorch Lightning: GradProbeCallback traces every training step and prints the report every N steps.
+"""PyTorch Lightning: GradProbeCallback traces the whole run under one trace and prints the report every N steps.
 
     pip install 'gradprobe[lightning]'
     python examples/lightning_callback.py
@@ -19,7 +19,7 @@ except ImportError:
 
 def main():
     torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 2))
+    data = torch.utils.data.TensorDataset(torch.randn(80, 4), torch.randn(80, 2))
     if pl is None:
         print("PyTorch Lightning is not installed (pip install 'gradprobe[lightning]'); one plain traced step:")
         net = nn.Linear(4, 2)
@@ -44,8 +44,8 @@ def main():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[GradProbeCallback(every_n_steps=2)],
+        max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[GradProbeCallback(every_n_steps=10)],
     )
     trainer.fit(Regressor(), torch.utils.data.DataLoader(data, batch_size=4))
 

@@ -194,3 +194,89 @@ def test_syntax_error_prints_the_error_and_no_report(tmp_path: Path, capsys: pyt
     captured = capsys.readouterr()
     assert "gradprobe ·" not in captured.out
     assert "SyntaxError" in captured.err and "broken.py" in captured.err
+
+
+TRAINING_LOOP = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+    head_cls, head_reg = nn.Linear(16, 3), nn.Linear(16, 1)
+    opt = torch.optim.SGD([*trunk.parameters(), *head_cls.parameters(), *head_reg.parameters()], lr=0.05)
+    for step in range(30):
+        x, y, t = torch.randn(8, 6), torch.randint(0, 3, (8,)), torch.randn(8, 1)
+        opt.zero_grad()
+        features = trunk(x)
+        loss_cls = nn.functional.cross_entropy(head_cls(features), y)
+        loss_reg = nn.functional.mse_loss(head_reg(features), t)
+        loss_cls.backward(retain_graph=True)
+        loss_reg.backward()
+        opt.step()
+    print("trained")
+    """
+)
+
+
+@pytest.fixture
+def training_loop(tmp_path: Path) -> Path:
+    path = tmp_path / "loop.py"
+    path.write_text(TRAINING_LOOP)
+    return path
+
+
+def test_a_training_loop_is_one_trace_of_30_steps(training_loop: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """30 steps, two losses, an optimizer: one trace that counts the steps; its records are the latest steps'."""
+    tracer, error = run_script(str(training_loop), quiet=True)
+    assert error is None and not tracer.active
+    assert tracer.current_step == 30
+    records = tracer.records
+    assert records[-1].step == 29 and [r.step for r in records[-2:]] == [29, 29]  # two losses per step
+    assert "trained" in capsys.readouterr().out
+
+
+def test_a_training_loop_gets_the_run_report(training_loop: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``gradprobe run loop.py``: the breakdown is of step 29, the latest, not step 0; then the run's section."""
+    assert main(["run", str(training_loop)]) == 0
+    out = capsys.readouterr().out
+    assert "30 steps (0–29)" in out
+    assert "step 29, the latest" in out and "step 0, the latest" not in out
+    breakdown = out[out.index("Gradient breakdown") : out.index("The run ·")]
+    assert "#58" in breakdown and "#59" in breakdown and "#0 " not in breakdown  # step 29's two backward calls
+    assert "loss_cls" in out and "loss_reg" in out
+
+
+def test_window_option(training_loop: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--window N`` is trace(window=N): at most 2 × N steps kept in full; a bad N is refused before anything runs."""
+    tracer, error = run_script(str(training_loop), quiet=True, window=3)
+    assert error is None and tracer.window == 3
+    steps = {r.step for r in tracer.records}
+    assert max(steps) == 29 and 3 <= len(steps) <= 6
+    out = tmp_path / "out.json"
+    assert main(["run", "--quiet", "--window", "3", "--json", str(out), str(training_loop)]) == 0
+    assert max(r["step"] for r in json.loads(out.read_text())["records"]) == 29
+    capsys.readouterr()
+    for bad in ("0", "-2", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["run", "--window", bad, str(training_loop)])
+        assert exit_.value.code == 2
+        assert "--window: must be a whole number of steps, at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_live_option(training_loop: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool) -> None:
+    """``--live``: a status line at step ends on a terminal, taken off before the report; nothing otherwise."""
+    import io
+
+    import rich
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=120, force_terminal=terminal, color_system=None)
+    monkeypatch.setattr(rich, "_console", console)
+    assert main(["run", "--live", str(training_loop)]) == 0
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert ("gradprobe · step 0 · no findings" in text) is terminal
+    assert "backward calls" in text  # the report
+    if terminal:  # the line is gone (cursor moved back over it) before the report starts
+        assert text.index("gradprobe · step 0") < text.index("backward calls")

@@ -12,6 +12,12 @@
 # `run_path` returns the script's globals; they are held until the trace has exited, otherwise the
 # model is freed first and the report could not read the final `.grad` (a failing script's globals
 # stay alive through the traceback's frames).
+# A training loop is one trace for the whole script: steps end at each `optimizer.step()` (NOTE
+# [steps] in capture/steps.py), `--window N` is `trace(window=N)` (recent steps kept in full, older
+# ones folded into the run's aggregates, so memory does not grow with the number of steps), and the
+# report at exit is the trace's report of the run. `--live` draws a one-line status at every step
+# end (NOTE [live status] in integrations/live.py), only when rich's console is a terminal; it is
+# taken off before the report.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from gradprobe.api.trace import Trace
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import TracebackType
+
+    from gradprobe.capture.steps import StepEvent
+    from gradprobe.integrations.live import LiveStatus
 
 __all__ = ["main", "run_script"]
 
@@ -74,6 +83,18 @@ def _parser() -> argparse.ArgumentParser:
         default="record",
         help="what a finding does while the script runs (default: record; all are in the report at the end)",
     )
+    run.add_argument(
+        "--window",
+        type=_positive,
+        metavar="N",
+        help="keep the last N training steps in full detail, older ones as running aggregates "
+        "(trace(window=N); default: the trace's own)",
+    )
+    run.add_argument(
+        "--live",
+        action="store_true",
+        help="show a one-line status (step, steps/s, top findings) while the script runs; only on a terminal",
+    )
     run.add_argument("--quiet", action="store_true", help="do not print the report (files are still written)")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the script")
@@ -88,6 +109,16 @@ def _parser() -> argparse.ArgumentParser:
         help=f"replace the table between {CODES_START!r} and {CODES_END!r} in PATH (e.g. README.md)",
     )
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps, at least 1: {text!r}")
+    return value
 
 
 CODES_START, CODES_END = "<!-- codes:start -->", "<!-- codes:end -->"
@@ -121,9 +152,12 @@ def run_script(
     detect: str | Sequence[str] = "default",
     decompose: bool | str = False,
     on_finding: str = "record",
+    window: int | None = None,
+    live: bool = False,
 ) -> tuple[Trace, BaseException | None]:
     """Run ``script`` as ``__main__`` under a trace; write the report/files; return the trace and any error.
 
+    ``window``: ``trace(window=...)`` (None: the trace's default); ``live``: a status line while it runs.
     The script's exception (or ``SystemExit``) is returned, not raised, so the caller decides how to exit.
 
     Raises:
@@ -136,7 +170,8 @@ def run_script(
         raise FileNotFoundError(f"gradprobe run: no script at {where}{hint}; usage: gradprobe run train.py [args]")
     with open(script, "rb") as fh:
         compile(fh.read(), script, "exec")  # a SyntaxError now, before an empty report
-    tracer = Trace((), keep=keep, on_finding=on_finding, detect=detect, decompose=decompose)  # type: ignore[arg-type]
+    options: dict[str, object] = {"window": window} if window is not None else {}
+    tracer = Trace((), keep=keep, on_finding=on_finding, detect=detect, decompose=decompose, **options)  # type: ignore[arg-type]
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
     sys.argv = [script, *args]
     folder = os.path.dirname(os.path.abspath(script))
@@ -146,6 +181,7 @@ def run_script(
         sys.path.insert(0, folder)
     error: BaseException | None = None
     namespace: dict[str, object] = {}  # the script's globals stay alive until the trace took its finals
+    status = _live_status(tracer) if live else None
     try:
         with tracer:
             try:
@@ -153,12 +189,33 @@ def run_script(
             except BaseException as exc:  # SystemExit and KeyboardInterrupt too: report first
                 error = exc
     finally:
+        if status is not None:
+            status.stop()
         sys.argv = saved_argv
         if saved_path0 is not None:
             sys.path[0] = saved_path0
     _write_outputs(tracer, json_path, html_path, quiet)
     namespace.clear()
     return tracer, error
+
+
+def _live_status(tracer: Trace) -> LiveStatus:
+    """A live status line on rich's console, redrawn at every step end of ``tracer`` (NOTE [live status])."""
+    import rich
+
+    from gradprobe.capture.steps import steps_of
+    from gradprobe.integrations.live import LiveStatus
+    from gradprobe.integrations.steps import NewFindings
+
+    status, new = LiveStatus(rich.get_console()), NewFindings()
+
+    def at_step_end(trace: Trace, event: StepEvent) -> None:  # after optimizer.step(), never in an autograd hook
+        status.add_findings(new(trace))
+        status.update(event.index)
+
+    if status.enabled:
+        steps_of(tracer).on_end("live status", at_step_end)
+    return status
 
 
 def _write_outputs(tracer: Trace, json_path: str | None, html_path: str | None, quiet: bool) -> None:
@@ -231,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             detect=detect,
             decompose=decompose,
             on_finding=options.on_finding,
+            window=options.window,
+            live=options.live,
         )
     except FileNotFoundError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)

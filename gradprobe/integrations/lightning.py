@@ -1,4 +1,4 @@
-"""PyTorch Lightning: ``GradProbeCallback`` traces every training step (``pip install gradprobe[lightning]``).
+"""PyTorch Lightning: ``GradProbeCallback`` traces a whole training run (``pip install gradprobe[lightning]``).
 
 Example::
 
@@ -6,10 +6,13 @@ Example::
 
     trainer = lightning.Trainer(callbacks=[GradProbeCallback(every_n_steps=100)])
 
-Each training batch (``on_train_batch_start`` → ``on_train_batch_end``: forward, ``backward``,
-optimizer step) runs under its own trace of the LightningModule. Findings are logged as soon as the
-batch ends; the full report every ``every_n_steps`` optimizer steps. ``callback.last`` is the trace of
-the last batch, ``callback.findings`` every finding of the run as ``(step, finding)``.
+One trace of the LightningModule is entered at ``on_train_start`` and exited at ``on_train_end`` (or at
+``on_exception``, also for a KeyboardInterrupt); the trace ends a step at each ``optimizer.step()``
+(NOTE [one trace per run] in ``gradprobe/integrations/steps.py``). Findings are logged at the
+``on_train_batch_end`` of the batch they appear in, with the trace's step number (counted from 0, as in
+the report); the full report when the trainer's ``global_step`` is a multiple of ``every_n_steps``, and
+at the end. ``callback.trace`` is the run's trace,
+``callback.findings`` every finding of the run as ``(step, finding)``.
 """
 
 from __future__ import annotations
@@ -33,20 +36,20 @@ __all__ = ["GradProbeCallback"]
 
 
 class GradProbeCallback(StepCallback, Callback):  # type: ignore[misc]
-    """Trace each training batch; log findings at once and the report every ``every_n_steps`` steps.
+    """Trace the training run; log findings at once, the report every ``every_n_steps`` steps and at the end.
 
     Args: see :class:`gradprobe.integrations.steps.StepCallback` (``every_n_steps``, ``keep``,
-    ``on_finding``, ``console``, ``log``, ``plugins``, ``disable``).
+    ``on_finding``, ``console``, ``log``, ``plugins``, ``disable``, ``window``, ``live``).
     """
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._steps.begin(pl_module)
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._steps.start(pl_module, int(trainer.global_step))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._steps.end(int(trainer.global_step))
+        self._steps.step_end(int(trainer.global_step))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._steps.close()
+        self._steps.finish()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._steps.close(exception)
+        self._steps.finish(exception)
