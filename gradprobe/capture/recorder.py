@@ -93,6 +93,7 @@ class Recorder:
         self._unhooked: list[tuple[torch.Tensor, LeafState]] = []  # tracked before install()
         self._entries: LeafHookEntries | None = None  # NOTE [hook entries] in hooks.py
         self.steps = Steps(self)  # NOTE [steps] in steps.py
+        self._removal = [_Removal(weakref.ref(self))]  # for remove_retrying
         self.every = 1  # measure the parts of every N-th step only (NOTE [sampling] in analysis/run.py)
 
     # -- names -------------------------------------------------------------------------------
@@ -186,7 +187,9 @@ class Recorder:
         :func:`remove_all` retries it (NOTE [interrupts during cleanup]). Re-raises the interruption
         once everything is off.
         """
-        self.removal_errors += remove_all([_Removal(self, interrupted)])
+        removal = self._removal  # made in advance: no object to build between the interrupt guards
+        removal[0].interrupted = interrupted
+        self.removal_errors += remove_all(removal)
 
     def _owns_hook(self, fn: Any) -> bool:
         owner = getattr(fn, "__self__", None)
@@ -410,10 +413,12 @@ class _Removal:
 
     __slots__ = ("recorder", "interrupted")
 
-    def __init__(self, recorder: Recorder, interrupted: bool) -> None:
-        self.recorder = recorder
-        self.interrupted = interrupted
+    def __init__(self, recorder: weakref.ReferenceType[Recorder]) -> None:
+        self.recorder = recorder  # weak: the recorder owns this (NOTE [no cycles])
+        self.interrupted = False
 
     def remove(self) -> None:
         interrupted, self.interrupted = self.interrupted, True  # any retry comes after an interruption
-        self.recorder.remove(interrupted=interrupted)
+        recorder = self.recorder()
+        if recorder is not None:
+            recorder.remove(interrupted=interrupted)
