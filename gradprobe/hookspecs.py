@@ -153,7 +153,10 @@ def gradprobe_inplace_write(
 ) -> None:
     """``func`` is about to write in place to ``tensors`` (``x.add_()``, ``x[i] = v``, ``out=``, ...).
 
-    Only called while some plugin implements it. Example::
+    Only called while some plugin implements it. A ``torch.optim`` optimizer step is one call, before it
+    runs: ``tensors`` are the parameters it will update (those with a ``.grad``), ``func`` is the
+    optimizer class's ``step`` and ``site`` the line that called it; the writes inside the step are not
+    reported one by one (NOTE [writes inside an optimizer step] in capture/steps.py). Example::
 
         @hookimpl
         def gradprobe_inplace_write(self, trace, tensors, func, site):

@@ -94,6 +94,7 @@ class Recorder:
         self._entries: LeafHookEntries | None = None  # NOTE [hook entries] in hooks.py
         self.steps = Steps(self)  # NOTE [steps] in steps.py
         self._removal = [_Removal(weakref.ref(self))]  # for remove_retrying
+        self._writes_paused = False  # NOTE [writes inside an optimizer step] in steps.py
         self.every = 1  # measure the parts of every N-th step only (NOTE [sampling] in analysis/run.py)
 
     # -- names -------------------------------------------------------------------------------
@@ -263,6 +264,8 @@ class Recorder:
         if functorch_active():  # NOTE [torch.func] in transforms.py
             self.subject.notice_once(functorch_notice(user_site(2)))
             return func(*args, **kwargs)
+        if self._writes_paused:  # an optimizer step raised before its post-hook
+            self.resume_writes()
         frame = user_frame(2)
         site = site_of(frame)
         call = describe_call(
@@ -329,6 +332,17 @@ class Recorder:
         if state.reduced is not None and state.reduced.holds(grad):
             return False
         return grad is None or grad is not ledger.sentinel_grad() or grad._version != ledger.sentinel_version
+
+    def pause_writes(self) -> None:
+        """Stop watching in-place writes until :meth:`resume_writes` (NOTE [writes inside an optimizer step])."""
+        if self.mode.watch_writes:
+            self.mode.watch_writes = False
+            self._writes_paused = True
+
+    def resume_writes(self) -> None:
+        if self._writes_paused:
+            self._writes_paused = False
+            self.mode.watch_writes = True
 
     def forget_before(self, index: int) -> None:
         """Records before ``index`` were folded away: drop what the recorder still knows of them."""

@@ -131,6 +131,8 @@ class InplaceSaved:
         if write is not None:
             _, site, func, optimizer, _ = write
             fname = _func_name(func)
+            if optimizer and fname == "step":  # NOTE [writes inside an optimizer step] in capture/steps.py
+                fname = getattr(func, "__qualname__", fname)  # "Adam.step"
             source = site.source if site is not None else ""
             by = f"`{source}` ({fname}) at {site}" if source else f"`{fname}`" + (f" at {site}" if site else "")
             if site is not None:
