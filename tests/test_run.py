@@ -355,19 +355,25 @@ def test_the_report_of_a_long_run_shows_the_latest_step_and_the_run():
     assert len(text.splitlines()) < 80
 
 
-def test_a_finding_late_in_a_run_is_shown_with_its_step():
+def _nan_run(steps: int, nan_at: int, **options: object) -> gradprobe.Trace:
+    """A one-layer model trained ``steps`` steps under one trace (window=2); step ``nan_at``'s loss is NaN."""
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     x = torch.randn(4, 2)
-    with gradprobe.trace(model, on_finding="record", window=2) as t:
-        for step in range(7001):
+    with gradprobe.trace(model, on_finding="record", window=2, **options) as t:
+        for step in range(steps):
             opt.zero_grad()
             loss = model(x).sum()
-            if step == 7000:
+            if step == nan_at:
                 loss = loss * float("nan")
             loss.backward()
             opt.step()
+    return t
+
+
+def test_a_finding_late_in_a_run_is_shown_with_its_step():
+    t = _nan_run(7001, 7000)
     late = [f for f in t.findings if f.step == 7000]
     assert late, [(f.code, f.step) for f in t.findings]
     assert all(f.step == 7000 for f in t.findings if f.code.startswith("GP6"))
@@ -388,18 +394,7 @@ def test_series_stays_bounded_and_keeps_the_mean():
 
 
 def test_an_early_nan_is_still_reported_after_its_step_was_folded():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    x = torch.randn(4, 2)
-    with gradprobe.trace(model, on_finding="record", window=2, detect="all") as t:
-        for step in range(40):
-            opt.zero_grad()
-            loss = model(x).sum()
-            if step == 5:
-                loss = loss * float("nan")
-            loss.backward()
-            opt.step()
+    t = _nan_run(40, 5, detect="all")
     assert t._run.folded_steps > 5
     (gp601,) = [f for f in t.findings if f.code == "GP601"]
     assert gp601.step == 5 and "model.weight" in gp601.message
