@@ -454,3 +454,19 @@ def test_a_hand_written_loop_with_sampling_keeps_its_steps():
     assert [r.step for r in t.records] == [s for s in range(7) for _ in range(2)]
     measured = {t._ledger.records[p.record].step for s in t._ledger.leaves for p in s.parts}
     assert measured == {0, 3, 6}
+
+
+@pytest.mark.parametrize("keep", ["stats", "tensors"])
+def test_a_split_of_unknown_shares_is_one_line_not_a_table_of_question_marks(keep):
+    model = torch.nn.Linear(3, 2)
+    with gradprobe.trace(model, keep=keep) as t:
+        x = torch.randn(4, 3)
+        model(x).sum().backward()
+        model(x).pow(2).sum().backward()
+        model(x).abs().sum().backward()
+    text = _render(t)
+    if keep == "stats":
+        assert "Per-loss split of the final .grad: not shown" in text
+        assert not re.search(r"^\s*weight\s+\?", text, re.M)
+    else:
+        assert "Per-loss split of the final .grad · one part per backward call" in text

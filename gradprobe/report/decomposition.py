@@ -190,5 +190,20 @@ class DecompositionSection:
             decomposed = decomposed[-_MAX_SPLITS:]
         depth = getattr(trace, "_report_depth", "auto")
         out += [split_table(s, depth=depth) for s in decomposed]
-        out += [split_table(s, depth=depth) for s in splits if s.kind != "decomposed"]
+        for s in splits:
+            if s.kind == "decomposed":
+                continue
+            if not _any_shared_known(s):  # every leaf two losses reach has unknown shares: all "?"
+                out.append(Text(
+                    "Per-loss split of the final .grad: not shown, no leaf that several backward calls reach has "
+                    "known shares (3+ parts in keep='stats'; trace(keep='tensors') has them)", style="dim",
+                ))
+                continue
+            out.append(split_table(s, depth=depth))
         return out
+
+
+def _any_shared_known(split: Any) -> bool:
+    """Whether some leaf reached by two or more losses has its shares (a Gram matrix) known."""
+    shared = [leaf for leaf in split.leaves if sum(leaf.reached) >= 2]
+    return not shared or any(leaf.gram is not None for leaf in shared)
