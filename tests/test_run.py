@@ -470,3 +470,38 @@ def test_a_split_of_unknown_shares_is_one_line_not_a_table_of_question_marks(kee
         assert not re.search(r"^\s*weight\s+\?", text, re.M)
     else:
         assert "Per-loss split of the final .grad · one part per backward call" in text
+
+
+def test_an_optimizer_whose_param_groups_raise_is_left_alone(monkeypatch):
+    """Announcing an optimizer step's writes must never raise into the user's step (GP001 instead)."""
+    monkeypatch.delenv("GRADPROBE_STRICT_INTERNAL")
+    model = torch.nn.Linear(2, 1)
+
+    class Odd(torch.optim.SGD):
+        armed = False
+
+        @property
+        def param_groups(self):  # type: ignore[override]
+            if self.armed:
+                raise RuntimeError("no groups here")
+            return self.__dict__["_groups"]
+
+        @param_groups.setter
+        def param_groups(self, value):  # type: ignore[override]
+            self.__dict__["_groups"] = value
+
+        def step(self, closure=None):  # type: ignore[override]
+            with torch.no_grad():
+                for group in self.__dict__["_groups"]:
+                    for p in group["params"]:
+                        p -= 0.1 * p.grad
+
+    opt = Odd(model.parameters(), lr=0.1)
+    opt.armed = True
+    with gradprobe.trace(model, on_finding="record") as t:
+        for _ in range(2):
+            model(torch.randn(3, 2)).sum().backward()
+            opt.step()
+            model.zero_grad()
+    assert [r.step for r in t.records] == [0, 1]
+    assert any(f.code == "GP001" for f in t.findings)

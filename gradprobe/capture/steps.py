@@ -135,7 +135,16 @@ class Steps:
         self._event = StepEvent(optimizer, self.count)
         if self._before:
             self._run(self._before, self._event, "optimizer step pre-hook")
-        self._pause_writes(optimizer, self._event)
+        try:
+            self._pause_writes(optimizer, self._event)
+        except GradProbeError:
+            raise  # on_finding="raise" from a watcher: stops the user's code, as everywhere
+        except Exception as exc:  # gradprobe's bug (or an odd optimizer): never into the user's step
+            recorder = self._recorder()
+            if recorder is not None:
+                recorder.resume_writes()
+                if recorder.host is not None:
+                    recorder.host.internal_error("steps", "optimizer step pre-hook", exc)
 
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         event = self._event if self._event is not None and self._event.optimizer is optimizer else None
