@@ -505,3 +505,22 @@ def test_an_optimizer_whose_param_groups_raise_is_left_alone(monkeypatch):
             model.zero_grad()
     assert [r.step for r in t.records] == [0, 1]
     assert any(f.code == "GP001" for f in t.findings)
+
+
+def test_an_lbfgs_step_with_its_closure_is_one_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with gradprobe.trace(model, on_finding="record") as t:
+        for _ in range(4):
+            opt.step(closure)  # the closure runs backward several times inside one step
+    steps = [r.step for r in t.records]
+    assert len(steps) > 4 and sorted(set(steps)) == [0, 1, 2, 3] and steps == sorted(steps)

@@ -132,6 +132,7 @@ class Steps:
             self.end("scaler_skipped")
 
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.explicit = True  # an optimizer steps: no guessing from .grad resets (LBFGS's closure resets inside)
         self._event = StepEvent(optimizer, self.count)
         if self._before:
             self._run(self._before, self._event, "optimizer step pre-hook")
