@@ -46,7 +46,7 @@ import gradprobe  # noqa: E402
 from measure import CLOCKS, interleaved, use_clock  # noqa: E402
 from models import build  # noqa: E402
 
-from gradprobe.analysis.run import SERIES_BUCKETS  # noqa: E402
+from gradprobe.analysis.run_tables import SERIES_BUCKETS  # noqa: E402
 
 TARGETS = {"memory_mb": 1.0, "render_s": 0.5, "ratio": 1.05}
 MB = 2**20

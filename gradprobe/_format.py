@@ -6,7 +6,7 @@ import math
 
 from rich.text import Text
 
-__all__ = ["check_cell", "nonfinite", "number", "share"]
+__all__ = ["check_cell", "json_float", "nonfinite", "number", "share"]
 
 
 def nonfinite(x: float) -> str:
@@ -22,6 +22,13 @@ def number(x: float | None) -> str:
     if x == 0:
         return "0"
     return f"{x:.3g}"
+
+
+def json_float(x: float | None) -> float | str | None:
+    """``x`` for strict JSON: a non-finite float as its string (``"nan"``, ``"inf"``)."""
+    if x is None or math.isfinite(x):
+        return x
+    return str(x)
 
 
 def share(x: float | None) -> str:

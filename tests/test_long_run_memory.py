@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradprobe
-from gradprobe.analysis.run import SERIES_BUCKETS
+from gradprobe.analysis.run_tables import SERIES_BUCKETS
 
 WINDOW = 4
 N = 40  # steps; the long run is 10 × N. Both are multiples of the window: the same point of the fold cycle

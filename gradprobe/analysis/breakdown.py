@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from gradprobe._format import json_float
 from gradprobe.analysis.finals import last_epoch_parts
 from gradprobe.ledger.stats import read_floats
 
@@ -51,12 +52,12 @@ class Part:
     def to_dict(self) -> dict[str, object]:
         return {
             "record": self.record,
-            "norm": _json_float(self.norm),
-            "absmax": _json_float(self.absmax),
+            "norm": json_float(self.norm),
+            "absmax": json_float(self.absmax),
             "finite": self.finite,
             "in_grad": self.in_grad,
-            "share": _json_float(self.share),
-            "cos_before": _json_float(self.cos_before),
+            "share": json_float(self.share),
+            "cos_before": json_float(self.cos_before),
         }
 
 
@@ -69,7 +70,7 @@ class CarriedIn:
     reason: Literal["trace_start", "modified", "allreduce"]  # before the trace, written outside backward, DDP
 
     def to_dict(self) -> dict[str, object]:
-        return {"norm": _json_float(self.norm), "share": _json_float(self.share), "reason": self.reason}
+        return {"norm": json_float(self.norm), "share": json_float(self.share), "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -103,19 +104,13 @@ class LeafBreakdown:
             "leaf": self.leaf.name,
             "parts": [p.to_dict() for p in self.parts],
             "carried_in": self.carried_in.to_dict() if self.carried_in else None,
-            "grad_norm": _json_float(self.grad_norm),
+            "grad_norm": json_float(self.grad_norm),
             "grad_finite": self.grad_finite,
             "check": self.check,
             "note": self.note,
-            "local_norm": _json_float(self.local_norm),
+            "local_norm": json_float(self.local_norm),
             "world": self.world,
         }
-
-
-def _json_float(x: float | None) -> float | str | None:
-    if x is None or math.isfinite(x):
-        return x
-    return str(x)
 
 
 class _Values:

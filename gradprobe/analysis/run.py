@@ -2,7 +2,9 @@
 
 Place in the flow: analysis. The trace calls :func:`fold_window` at every step end (NOTE [steps] in
 capture/steps.py); the run report and ``to_dict()`` read :meth:`RunAggregates.snapshot`, which adds the
-steps still kept in full to a copy of the aggregates.
+steps still kept in full to a copy of the aggregates. Beside it: ``run_parts`` (reading back the
+parts being folded, with their cosines and shares) and ``run_tables`` (the tensor tables the
+aggregates are kept in, and the :class:`Agg` / :class:`Series` cells reports read).
 
 # NOTE [window]
 # A trace around a training loop sees thousands of steps. The ledger keeps every part (one small
@@ -39,24 +41,21 @@ steps still kept in full to a copy of the aggregates.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradprobe.analysis.breakdown import stats_shares
+from gradprobe.analysis.run_parts import Parts, collect, first_per_group
+from gradprobe.analysis.run_tables import Agg, AggTable, Counts, Series, SeriesTable
 from gradprobe.capture.lifecycle import gc_paused
-from gradprobe.ledger.stats import read_floats
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from gradprobe.findings import Site
-    from gradprobe.ledger.ledger import BackwardRecord, Ledger, LeafState
+    from gradprobe.ledger.ledger import BackwardRecord, Ledger
 
 __all__ = ["Agg", "LossInfo", "ModuleRun", "RunAggregates", "Series", "fold_window", "loss_key"]
-
-SERIES_BUCKETS = 64
 
 
 def loss_key(record: BackwardRecord) -> str:
@@ -70,100 +69,6 @@ def loss_key(record: BackwardRecord) -> str:
         name = head
     site = record.site
     return f"{name} @ {site.filename}:{site.lineno}" if site is not None else name
-
-
-class Agg:
-    """Running count, sum, min, max of one quantity (and the step of its first and last value)."""
-
-    __slots__ = ("n", "total", "low", "high", "first", "last", "last_value")
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.total = 0.0
-        self.low = math.inf
-        self.high = -math.inf
-        self.first = -1
-        self.last = -1
-        self.last_value = math.nan
-
-    def add(self, step: int, value: float) -> None:
-        if self.n == 0:
-            self.first = step
-        self.n += 1
-        self.total += value
-        self.low = min(self.low, value)
-        self.high = max(self.high, value)
-        self.last = step
-        self.last_value = value
-
-    @property
-    def mean(self) -> float | None:
-        return self.total / self.n if self.n else None
-
-    def copy(self) -> Agg:
-        new = Agg.__new__(Agg)
-        for slot in Agg.__slots__:
-            setattr(new, slot, getattr(self, slot))
-        return new
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "count": self.n,
-            "mean": _json(self.mean),
-            "min": _json(self.low) if self.n else None,
-            "max": _json(self.high) if self.n else None,
-            "first_step": self.first if self.n else None,
-            "last_step": self.last if self.n else None,
-            "last": _json(self.last_value) if self.n else None,
-        }
-
-
-class Series:
-    """A value per step in at most ``SERIES_BUCKETS`` buckets; when full, neighbours merge (width doubles)."""
-
-    __slots__ = ("width", "buckets")
-
-    def __init__(self) -> None:
-        self.width = 1  # steps per bucket
-        self.buckets: list[list[float]] = []  # [first step, last step, sum, count, min, max]
-
-    def add(self, step: int, value: float) -> None:
-        buckets = self.buckets
-        if buckets and step // self.width == int(buckets[-1][0]) // self.width:
-            b = buckets[-1]
-            b[1] = step
-            b[2] += value
-            b[3] += 1
-            b[4] = min(b[4], value)
-            b[5] = max(b[5], value)
-            return
-        if len(buckets) >= SERIES_BUCKETS:
-            self.width *= 2
-            merged: list[list[float]] = []
-            for b in buckets:
-                if merged and int(b[0]) // self.width == int(merged[-1][0]) // self.width:
-                    m = merged[-1]
-                    m[1] = b[1]
-                    m[2] += b[2]
-                    m[3] += b[3]
-                    m[4] = min(m[4], b[4])
-                    m[5] = max(m[5], b[5])
-                else:
-                    merged.append(list(b))
-            self.buckets = merged
-            self.add(step, value)
-            return
-        buckets.append([step, step, value, 1, value, value])
-
-    def points(self) -> list[tuple[int, int, float, float, float]]:
-        """``(first step, last step, mean, min, max)`` per bucket, oldest first."""
-        return [(int(b[0]), int(b[1]), b[2] / b[3], b[4], b[5]) for b in self.buckets]
-
-    def copy(self) -> Series:
-        new = Series()
-        new.width = self.width
-        new.buckets = [list(b) for b in self.buckets]
-        return new
 
 
 class LossInfo:
@@ -197,13 +102,6 @@ class LeafLoss:
         self.steps = 0  # steps the loss reached the leaf
         self._step = -1
 
-    def copy(self) -> LeafLoss:
-        new = LeafLoss()
-        new.norm, new.share, new.cos = self.norm.copy(), self.share.copy(), self.cos.copy()
-        new.conflicts, new.nonfinite, new.steps, new._step = self.conflicts, self.nonfinite, self.steps, self._step
-        return new
-
-
 class ModuleRun:
     """One module (or the whole model, ``""``) over the run: per loss share and conflict, and ‖.grad‖."""
 
@@ -229,194 +127,7 @@ class ModuleRun:
     def conflict_rate(self) -> float | None:
         return self.conflict_steps / self.compared_steps if self.compared_steps else None
 
-    def copy(self) -> ModuleRun:
-        new = ModuleRun()
-        new.leaves = set(self.leaves)
-        new.share = {k: v.copy() for k, v in self.share.items()}
-        new.share_trend = {k: v.copy() for k, v in self.share_trend.items()}
-        new.norm = {k: v.copy() for k, v in self.norm.items()}
-        new.cos = {k: v.copy() for k, v in self.cos.items()}
-        new.cos_trend = {k: v.copy() for k, v in self.cos_trend.items()}
-        new.conflict_trend = self.conflict_trend.copy()
-        new.conflict_steps, new.compared_steps = self.conflict_steps, self.compared_steps
-        new.grad_norm, new.grad_trend = self.grad_norm.copy(), self.grad_trend.copy()
-        return new
 
-
-class AggTable:
-    """:class:`Agg` per (row, column) as float64 tensors, updated for many values at once (NOTE [window])."""
-
-    FIELDS = ("n", "total", "low", "high", "first", "last", "last_value")
-    _INIT = {"n": 0.0, "total": 0.0, "low": math.inf, "high": -math.inf, "first": -1.0, "last": -1.0, "last_value": math.nan}
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.cols = 0
-        self.data = {f: torch.empty(0, 0, dtype=torch.float64) for f in self.FIELDS}
-
-    def grow(self, rows: int, cols: int) -> None:
-        if rows <= self.rows and cols <= self.cols:
-            return
-        rows, cols = max(rows, self.rows), max(cols, self.cols)
-        for f, old in self.data.items():
-            new = torch.full((rows, cols), self._INIT[f], dtype=torch.float64)
-            new[: self.rows, : self.cols] = old
-            self.data[f] = new
-        self.rows, self.cols = rows, cols
-
-    def add(self, row: torch.Tensor, col: torch.Tensor, step: torch.Tensor, value: torch.Tensor) -> None:
-        """Add ``value[i]`` at ``(row[i], col[i])`` in step ``step[i]``; within a cell, values come in step order."""
-        if row.numel() == 0:
-            return
-        self.grow(int(row.max()) + 1, int(col.max()) + 1)
-        d = {f: t.view(-1) for f, t in self.data.items()}
-        idx = row * self.cols + col
-        step = step.to(torch.float64)
-        cells = self.rows * self.cols
-        fresh = d["n"] == 0
-        count = torch.zeros(cells, dtype=torch.float64).index_add_(0, idx, torch.ones_like(value))
-        d["n"] += count
-        d["total"].index_add_(0, idx, value)
-        d["low"].scatter_reduce_(0, idx, value, "amin")
-        d["high"].scatter_reduce_(0, idx, value, "amax")
-        first = torch.full((cells,), math.inf, dtype=torch.float64).scatter_reduce_(0, idx, step, "amin")
-        start = fresh & (count > 0)
-        d["first"][start] = first[start]
-        position = torch.arange(idx.numel(), dtype=torch.float64)
-        last = torch.full((cells,), -1.0, dtype=torch.float64).scatter_reduce_(0, idx, position, "amax")
-        hit = last >= 0
-        at = last[hit].long()
-        d["last"][hit] = step[at]
-        d["last_value"][hit] = value[at]
-
-    def agg(self, row: int, col: int) -> Agg:
-        new = Agg()
-        if row < self.rows and col < self.cols:
-            n, total, low, high, first, last, last_value = (float(self.data[f][row, col]) for f in self.FIELDS)
-            new.n, new.total, new.low, new.high = int(n), total, low, high
-            new.first, new.last, new.last_value = int(first), int(last), last_value
-        return new
-
-    def cells(self) -> list[tuple[int, int]]:
-        """The (row, column) cells with at least one value."""
-        return [tuple(c) for c in (self.data["n"] > 0).nonzero().tolist()] if self.rows else []  # type: ignore[misc]
-
-    def copy(self) -> AggTable:
-        new = AggTable()
-        new.rows, new.cols = self.rows, self.cols
-        new.data = {f: t.clone() for f, t in self.data.items()}
-        return new
-
-
-class _Counts:
-    """Integer counts per (row, column) (conflicts, non-finite parts, steps reached), as a tensor."""
-
-    def __init__(self) -> None:
-        self.t = torch.zeros(0, 0, dtype=torch.float64)
-
-    def add(self, row: torch.Tensor, col: torch.Tensor, value: torch.Tensor) -> None:
-        if row.numel() == 0:
-            return
-        rows, cols = max(int(row.max()) + 1, self.t.shape[0]), max(int(col.max()) + 1, self.t.shape[1])
-        if (rows, cols) != tuple(self.t.shape):
-            new = torch.zeros(rows, cols, dtype=torch.float64)
-            new[: self.t.shape[0], : self.t.shape[1]] = self.t
-            self.t = new
-        self.t.view(-1).index_add_(0, row * cols + col, value.to(torch.float64))
-
-    def get(self, row: int, col: int) -> int:
-        return int(self.t[row, col]) if row < self.t.shape[0] and col < self.t.shape[1] else 0
-
-    def copy(self) -> _Counts:
-        new = _Counts()
-        new.t = self.t.clone()
-        return new
-
-
-class SeriesTable:
-    """:class:`Series` per (row, column) as tensors: one bucket grid shared by all cells (NOTE [window]).
-
-    Bucket ``b`` holds the steps ``b·width … (b+1)·width - 1``; when a step lands past the last of
-    ``SERIES_BUCKETS`` buckets, the width doubles and neighbouring buckets merge.
-    """
-
-    def __init__(self) -> None:
-        self.width = 1
-        f64 = torch.float64
-        self.sum = torch.zeros(0, 0, SERIES_BUCKETS, dtype=f64)
-        self.count = torch.zeros(0, 0, SERIES_BUCKETS, dtype=f64)
-        self.low = torch.full((0, 0, SERIES_BUCKETS), math.inf, dtype=f64)
-        self.high = torch.full((0, 0, SERIES_BUCKETS), -math.inf, dtype=f64)
-        self.first = torch.full((0, 0, SERIES_BUCKETS), math.inf, dtype=f64)
-        self.last = torch.full((0, 0, SERIES_BUCKETS), -math.inf, dtype=f64)
-
-    _FIELDS = (("sum", 0.0), ("count", 0.0), ("low", math.inf), ("high", -math.inf), ("first", math.inf), ("last", -math.inf))
-
-    def _grow(self, rows: int, cols: int) -> None:
-        r0, c0 = self.sum.shape[0], self.sum.shape[1]
-        if rows <= r0 and cols <= c0:
-            return
-        rows, cols = max(rows, r0), max(cols, c0)
-        for name, fill in self._FIELDS:
-            old = getattr(self, name)
-            new = torch.full((rows, cols, SERIES_BUCKETS), fill, dtype=torch.float64)
-            new[:r0, :c0] = old
-            setattr(self, name, new)
-
-    def _widen(self) -> None:
-        half = SERIES_BUCKETS // 2
-        for name, fill in self._FIELDS:
-            old = getattr(self, name)
-            pairs = old.view(old.shape[0], old.shape[1], half, 2)
-            if name in ("sum", "count"):
-                merged = pairs.sum(-1)
-            elif name in ("low", "first"):
-                merged = pairs.amin(-1)
-            else:
-                merged = pairs.amax(-1)
-            new = torch.full_like(old, fill)
-            new[:, :, :half] = merged
-            setattr(self, name, new)
-        self.width *= 2
-
-    def add(self, row: torch.Tensor, col: torch.Tensor, step: torch.Tensor, value: torch.Tensor) -> None:
-        if row.numel() == 0:
-            return
-        self._grow(int(row.max()) + 1, int(col.max()) + 1)
-        top = int(step.max())
-        while top // self.width >= SERIES_BUCKETS:
-            self._widen()
-        cols = self.sum.shape[1]
-        idx = (row * cols + col) * SERIES_BUCKETS + step // self.width
-        s = step.to(torch.float64)
-        self.sum.view(-1).index_add_(0, idx, value)
-        self.count.view(-1).index_add_(0, idx, torch.ones_like(value))
-        self.low.view(-1).scatter_reduce_(0, idx, value, "amin")
-        self.high.view(-1).scatter_reduce_(0, idx, value, "amax")
-        self.first.view(-1).scatter_reduce_(0, idx, s, "amin")
-        self.last.view(-1).scatter_reduce_(0, idx, s, "amax")
-
-    def series(self, row: int, col: int) -> Series | None:
-        """The cell as a :class:`Series` (None when it holds nothing)."""
-        if row >= self.sum.shape[0] or col >= self.sum.shape[1]:
-            return None
-        count = self.count[row, col]
-        filled = (count > 0).nonzero().view(-1).tolist()
-        if not filled:
-            return None
-        out = Series()
-        out.width = self.width
-        cols = [self.first[row, col], self.last[row, col], self.sum[row, col], count, self.low[row, col], self.high[row, col]]
-        values = torch.stack(cols).tolist()
-        out.buckets = [[values[j][b] for j in range(6)] for b in filled]
-        return out
-
-    def copy(self) -> SeriesTable:
-        new = SeriesTable()
-        new.width = self.width
-        for name, _ in self._FIELDS:
-            setattr(new, name, getattr(self, name).clone())
-        return new
 
 
 class RunAggregates:
@@ -438,15 +149,15 @@ class RunAggregates:
         self._norm = AggTable()  # per part
         self._share = AggTable()  # per step
         self._cos = AggTable()  # per part with something in .grad before it
-        self._conflicts = _Counts()
-        self._nonfinite = _Counts()
-        self._steps = _Counts()
+        self._conflicts = Counts()
+        self._nonfinite = Counts()
+        self._steps = Counts()
         self._module_ids: dict[str, int] = {"": 0}  # module name -> row ("": the whole model)
         self._leaves_of: dict[int, set[int]] = {}
         self._m_share, self._m_share_trend = AggTable(), SeriesTable()  # (module, loss), per step
         self._m_norm = AggTable()  # (module, loss), per call: ‖part‖ over the module's leaves
         self._m_cos, self._m_cos_trend = AggTable(), SeriesTable()  # (module, loss), per call
-        self._m_conflicts = _Counts()  # (module, 0): steps in conflict; (module, 1): steps compared
+        self._m_conflicts = Counts()  # (module, 0): steps in conflict; (module, 1): steps compared
         self._m_conflict_trend = SeriesTable()
         self._m_grad, self._m_grad_trend = AggTable(), SeriesTable()  # (module, 0): ‖.grad‖ per step
 
@@ -499,7 +210,7 @@ class RunAggregates:
             info.calls.add(record.step, 1.0)
             column[record.index] = self._column[key]
         self.records += len(records)
-        parts = _collect(ledger, upto, self._running, closed, {r.index: r.step for r in records}, column)
+        parts = collect(ledger, upto, self._running, closed, {r.index: r.step for r in records}, column)
         if parts is not None:
             if self.first_nonfinite is None and not bool(parts.finite.all()):
                 bad = ~parts.finite
@@ -509,7 +220,7 @@ class RunAggregates:
             self._add_leaves(parts)
             self._add_modules(parts, ledger)
 
-    def _add_leaves(self, p: _Parts) -> None:
+    def _add_leaves(self, p: Parts) -> None:
         leaf, col, step = p.leaf, p.col, p.step
         self._norm.add(leaf, col, step, p.norm)
         self._nonfinite.add(leaf, col, (~p.finite).to(torch.float64))
@@ -534,7 +245,7 @@ class RunAggregates:
         ok = (counted > 0) & ~torch.isnan(share)
         self._share.add(u_leaf[ok], u_col[ok], u_step[ok], share[ok])
 
-    def _add_modules(self, p: _Parts, ledger: Ledger) -> None:
+    def _add_modules(self, p: Parts, ledger: Ledger) -> None:
         ids = self._module_ids
         for state in ledger.leaves:
             name = state.leaf.module or ""
@@ -563,7 +274,7 @@ class RunAggregates:
         ends = p.seg_end_sq[twice]
         ended = ~torch.isnan(ends)
         leaf_step = (p.leaf[twice][ended] * s_count + step[ended]) * m_count + both[ended]
-        uniq, first_of = _first_per_group(leaf_step)
+        uniq, first_of = first_per_group(leaf_step)
         sm = (uniq // m_count % s_count) * m_count + uniq % m_count
         g2 = torch.zeros(s_count * m_count, dtype=f64).index_add_(0, sm, ends[ended][first_of])
         seen = torch.zeros(s_count * m_count, dtype=torch.bool)
@@ -675,164 +386,6 @@ class RunAggregates:
                 for name, run in self.modules.items()
             ],
         }
-
-
-class _Parts:
-    """The parts of one fold, flat, read back (NOTE [window]); NaN where a value does not exist."""
-
-    __slots__ = ("leaf", "col", "step", "record", "norm", "finite", "in_grad", "dot", "before", "cos", "share", "seg_end_sq")
-
-
-def _first_per_group(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct ``keys`` and, for each, the position of its first occurrence."""
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    position = torch.arange(keys.numel())
-    first = torch.full((unique.numel(),), keys.numel(), dtype=torch.long).scatter_reduce_(0, inverse, position, "amin")
-    return unique, first
-
-
-def _collect(
-    ledger: Ledger,
-    upto: int,
-    running: dict[int, tuple[int, float]],
-    closed: bool,
-    steps: dict[int, int],
-    column: dict[int, int],
-) -> _Parts | None:
-    """Read back the parts of records before ``upto`` at once and derive, per part, the values the
-    aggregates take: cosine with what `.grad` held, share of its epoch's final `.grad` (NOTE [window])."""
-    refs: list[Any] = []
-    leaf_l: list[int] = []
-    rec_l: list[int] = []
-    epoch_l: list[int] = []
-    grad_l: list[bool] = []
-    tickets: list[int] = []  # 3 per part: norm, absmax, dot (-1: none)
-    segments: list[tuple[LeafState, int, int, list[int]]] = []  # (state, epoch, first part, parts' tensors' positions)
-    kept_tensors: list[torch.Tensor | None] = []
-    nan_ticket = -1
-    for state in ledger.leaves:
-        for p in state.parts:
-            if p.record >= upto:
-                break
-            norm = p.norm_ref
-            if norm is None or p.record not in steps:
-                continue
-            refs.append(norm)
-            refs.append(p.absmax_ref if p.absmax_ref is not None else norm)
-            dot = p.dot_before
-            tickets.append(len(refs) - 2)
-            tickets.append(len(refs) - 1)
-            if dot is not None:
-                refs.append(dot)
-                tickets.append(len(refs) - 1)
-            else:
-                tickets.append(nan_ticket)
-            in_grad = p.accumulated or dot is not None
-            leaf_l.append(state.leaf.index)
-            rec_l.append(p.record)
-            epoch_l.append(p.epoch)
-            grad_l.append(in_grad)
-            kept_tensors.append(p.tensor)
-            if in_grad:
-                if not segments or segments[-1][0] is not state or segments[-1][1] != p.epoch:
-                    segments.append((state, p.epoch, len(leaf_l) - 1, []))
-                segments[-1][3].append(len(leaf_l) - 1)
-    if not leaf_l:
-        return None
-    # epochs' carried-in norms go in the same read-back
-    carried_t: list[int] = []
-    for state, epoch, _, _ in segments:
-        start = next((e for e in state.epochs if e.epoch == epoch), None)
-        if start is not None and start.norm is not None:
-            refs.append(start.norm)
-            carried_t.append(len(refs) - 1)
-        else:
-            carried_t.append(-2 if start is not None else -3)  # -2: started with .grad None; -3: start folded
-    values = read_floats(refs)
-    norm_l = [values[tickets[3 * i]] for i in range(len(leaf_l))]
-    absmax_l = [values[tickets[3 * i + 1]] for i in range(len(leaf_l))]
-    dot_l = [values[tickets[3 * i + 2]] if tickets[3 * i + 2] >= 0 else math.nan for i in range(len(leaf_l))]
-    finite_l = [math.isfinite(x) and math.isfinite(y) for x, y in zip(norm_l, absmax_l)]
-    n = len(leaf_l)
-    before_sq = [math.nan] * n
-    share_l = [math.nan] * n
-    end_l = [math.nan] * n
-    kept_epochs = {
-        state.leaf.index: {q.epoch for q in state.parts if q.record >= upto} for state in {id(s[0]): s[0] for s in segments}.values()
-    }
-    # ‖.grad‖² before each part, telescoped within its segment (a leaf's parts of one epoch)
-    for (state, epoch, _, members), ct in zip(segments, carried_t):
-        leaf = state.leaf.index
-        open_epoch, sq = running.get(leaf, (-1, 0.0))
-        carried = None if ct < 0 else values[ct]
-        continued = open_epoch == epoch or ct == -3  # its first parts were folded before
-        if open_epoch != epoch:
-            sq = (carried or 0.0) ** 2
-        for i in members:
-            before_sq[i] = sq
-            d = dot_l[i]
-            sq += (0.0 if d != d else 2.0 * d) + norm_l[i] * norm_l[i]
-        if epoch in kept_epochs[leaf] or (epoch == state.epoch and not closed):  # not ended: carry ‖.grad‖² on
-            running[leaf] = (epoch, sq)
-            continue
-        running.pop(leaf, None)
-        for i in members:
-            end_l[i] = sq
-        if continued or not all(finite_l[i] for i in members):
-            continue  # shares need the whole epoch, finite
-        norms = [norm_l[i] for i in members]
-        if len(members) + (carried is not None) <= 2:
-            dots = [None if dot_l[i] != dot_l[i] else dot_l[i] for i in members]
-            shares, _, _ = stats_shares(list(range(len(members))), norms, dots, carried)
-        else:
-            tensors = [kept_tensors[i] for i in members]
-            start = next((e for e in state.epochs if e.epoch == epoch), None)
-            carried_tensor = start.tensor if start is not None else None
-            if all(x is not None for x in tensors) and (carried is None or carried_tensor is not None):
-                shares = _tensor_shares(tensors, carried_tensor)  # type: ignore[arg-type]
-            else:
-                shares = {}
-        for j, i in enumerate(members):
-            value = shares.get(j)
-            if value is not None:
-                share_l[i] = value
-    f64 = torch.float64
-    p = _Parts()
-    p.leaf = torch.tensor(leaf_l, dtype=torch.long)
-    p.record = torch.tensor(rec_l, dtype=torch.long)
-    p.step = torch.tensor([steps[r] for r in rec_l], dtype=torch.long)
-    p.col = torch.tensor([column[r] for r in rec_l], dtype=torch.long)
-    p.in_grad = torch.tensor(grad_l, dtype=torch.bool)
-    p.norm = torch.tensor(norm_l, dtype=f64)
-    p.dot = torch.tensor(dot_l, dtype=f64)
-    p.finite = torch.tensor(finite_l, dtype=torch.bool)
-    p.share = torch.tensor(share_l, dtype=f64)
-    p.seg_end_sq = torch.tensor(end_l, dtype=f64)
-    has_dot = ~torch.isnan(p.dot)
-    p.before = torch.tensor(before_sq, dtype=f64).clamp(min=0.0).sqrt()
-    p.before[~has_dot] = math.nan
-    usable = has_dot & p.finite & (p.before > 0) & (p.norm > 0)
-    p.cos = torch.full((n,), math.nan, dtype=f64)
-    p.cos[usable] = (p.dot[usable] / (p.before[usable] * p.norm[usable])).clamp(-1.0, 1.0)
-    return p
-
-
-
-def _json(x: float | None) -> float | str | None:
-    if x is None or math.isfinite(x):
-        return x
-    return str(x)
-
-
-def _tensor_shares(parts: list[torch.Tensor], carried: torch.Tensor | None) -> dict[int, float | None]:
-    """Exact projection shares of kept parts on their sum (keep="tensors")."""
-    with torch.no_grad(), torch._C.DisableTorchFunction():
-        dtype = torch.float64 if parts[0].dtype != torch.float64 else parts[0].dtype
-        total = sum((p.to(dtype) for p in parts), carried.to(dtype) if carried is not None else torch.zeros((), dtype=dtype))
-        g2 = float((total * total).sum())
-        if g2 <= 0:
-            return {}
-        return {i: float((p.to(dtype) * total).sum()) / g2 for i, p in enumerate(parts)}
 
 
 @contextlib.contextmanager

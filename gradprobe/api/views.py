@@ -69,8 +69,6 @@ class TraceViews:
         every: int
         current_step: int
 
-        def run(self) -> Any: ...
-
         def finding_counts(self) -> dict[tuple[str, Any], tuple[int, int, int]]: ...
 
         @property
