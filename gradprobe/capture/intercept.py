@@ -129,12 +129,24 @@ class Interceptor(TorchFunctionMode):
         self._recorder = weakref.ref(recorder)  # the recorder owns this mode (NOTE [no cycles] in recorder.py)
         self.watch_grad_reads = False
         self.watch_writes = False
+        self._writes_paused = False  # NOTE [writes inside an optimizer step] in steps.py
         # func -> handler(func, args, kwargs): the only per-call lookup for functions nobody watches
         # (backward calls map to _TO_RECORDER: run inline below, one frame less in the user's tracebacks)
         self.table: dict[Any, Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]] = dict.fromkeys(
             BACKWARD_FUNCTIONS, _TO_RECORDER
         )
         self.table[_GRAD_GET] = _ON_GRAD_READ  # handled inline too: a bound method here would be a cycle
+
+    def pause_writes(self) -> None:
+        """Stop watching in-place writes until :meth:`resume_writes` (NOTE [writes inside an optimizer step])."""
+        if self.watch_writes:
+            self.watch_writes = False
+            self._writes_paused = True
+
+    def resume_writes(self) -> None:
+        if self._writes_paused:
+            self._writes_paused = False
+            self.watch_writes = True
 
     def _grad_get(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``tensor.grad``: PyTorch's non-leaf warning points at the user's line, as without a trace."""

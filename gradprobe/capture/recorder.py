@@ -94,7 +94,6 @@ class Recorder:
         self._entries: LeafHookEntries | None = None  # NOTE [hook entries] in hooks.py
         self.steps = Steps(self)  # NOTE [steps] in steps.py
         self._removal = [_Removal(weakref.ref(self))]  # for remove_retrying
-        self._writes_paused = False  # NOTE [writes inside an optimizer step] in steps.py
         self.every = 1  # measure the parts of every N-th step only (NOTE [sampling] in analysis/run.py)
 
     # -- names -------------------------------------------------------------------------------
@@ -264,8 +263,7 @@ class Recorder:
         if functorch_active():  # NOTE [torch.func] in transforms.py
             self.subject.notice_once(functorch_notice(user_site(2)))
             return func(*args, **kwargs)
-        if self._writes_paused:  # an optimizer step raised before its post-hook
-            self.resume_writes()
+        self.mode.resume_writes()  # an optimizer step that raised never reached its post-hook
         frame = user_frame(2)
         site = site_of(frame)
         call = describe_call(
@@ -273,9 +271,7 @@ class Recorder:
         )
         if self.every_leaf:
             self._discover(call.roots + (call.inputs or ()), frame)
-        steps = self.steps
-        if not steps.explicit and len(self.ledger.records) > steps.first_record and self._grads_reset():
-            steps.end("grad_reset")  # NOTE [steps]: a hand-written loop reset .grad since the step began
+        self.steps.before_backward()  # NOTE [steps]: a loop without an optimizer ends its steps by resetting .grad
         watching = self.mode.watch_writes or self.mode.watch_grad_reads
         if watching and COMPILED_CODE not in self.notices and has_compiled_node(call.roots):
             self.subject.notice_once(compiled_notice(site))
@@ -320,29 +316,6 @@ class Recorder:
             finally:
                 if collecting:
                     gc.enable()
-
-    def _grads_reset(self) -> bool:
-        """Whether the step's sentinel leaf lost the `.grad` its last part left (NOTE [steps] in steps.py)."""
-        ledger = self.ledger
-        state = ledger.sentinel
-        tensor = state.ref() if state is not None else None  # type: ignore[misc]
-        if state is None or tensor is None or ledger.sentinel_grad is None:
-            return False
-        grad = tensor.grad
-        if state.reduced is not None and state.reduced.holds(grad):
-            return False
-        return grad is None or grad is not ledger.sentinel_grad() or grad._version != ledger.sentinel_version
-
-    def pause_writes(self) -> None:
-        """Stop watching in-place writes until :meth:`resume_writes` (NOTE [writes inside an optimizer step])."""
-        if self.mode.watch_writes:
-            self.mode.watch_writes = False
-            self._writes_paused = True
-
-    def resume_writes(self) -> None:
-        if self._writes_paused:
-            self._writes_paused = False
-            self.mode.watch_writes = True
 
     def forget_before(self, index: int) -> None:
         """Records before ``index`` were folded away: drop what the recorder still knows of them."""

@@ -125,6 +125,22 @@ class Steps:
         if self._end:
             self._run(self._end, event, "step end")
 
+    def before_backward(self) -> None:
+        """A backward call starts: in a loop with no step end seen yet, end the step if `.grad` was reset."""
+        recorder = self._recorder()
+        if recorder is None or self.explicit or len(recorder.ledger.records) <= self.first_record:
+            return
+        ledger = recorder.ledger
+        state = ledger.sentinel  # the first leaf given a part in this step, and the .grad it left
+        tensor = state.ref() if state is not None else None  # type: ignore[misc]
+        if state is None or tensor is None or ledger.sentinel_grad is None:
+            return
+        grad = tensor.grad
+        if state.reduced is not None and state.reduced.holds(grad):
+            return
+        if grad is None or grad is not ledger.sentinel_grad() or grad._version != ledger.sentinel_version:
+            self.end("grad_reset")
+
     def scaler_updated(self) -> None:
         """``GradScaler.update()`` ran: end the step if it had backward calls but no optimizer step (skipped)."""
         recorder = self._recorder()
@@ -143,7 +159,7 @@ class Steps:
         except Exception as exc:  # gradprobe's bug (or an odd optimizer): never into the user's step
             recorder = self._recorder()
             if recorder is not None:
-                recorder.resume_writes()
+                recorder.mode.resume_writes()
                 if recorder.host is not None:
                     recorder.host.internal_error("steps", "optimizer step pre-hook", exc)
 
@@ -152,7 +168,7 @@ class Steps:
         self._event = None
         recorder = self._recorder()
         if recorder is not None:
-            recorder.resume_writes()
+            recorder.mode.resume_writes()
         self.end("optimizer", optimizer, event)
 
     # NOTE [writes inside an optimizer step]
@@ -170,7 +186,7 @@ class Steps:
             return
         groups = getattr(optimizer, "param_groups", None) or []
         written = [p for g in groups for p in g.get("params", ()) if isinstance(p, torch.Tensor) and p.grad is not None]
-        recorder.pause_writes()
+        recorder.mode.pause_writes()
         if written and recorder.host is not None and not recorder.muted:
             with torch._C.DisableTorchFunction():
                 recorder.host.call(
