@@ -83,11 +83,7 @@ class _CallsTable:
         if self._raised:
             columns.append(Column("result", outcome, justify="left"))
         width = options.max_width
-        src = Column("source", source, justify="left", drop=5, dropped="source line")
-        room = width - table_width([c.natural() for c in columns] + [0])
-        if room >= 16:  # the source line takes what the other columns leave, cut at its end
-            src.cells = [Text(c.plain if c.cell_len <= room else c.plain[: room - 1] + "…", style="dim") for c in source]
-            columns.append(src)
+        _add_source(columns, source, width)
         table, notes = fitted_table(columns, width)
         yield Text(title, style="bold")
         yield table
@@ -134,11 +130,7 @@ def _by_line(trace: Trace, title: str, raised: dict[int, str], width: int) -> Re
     ]
     if failed:
         columns.append(Column("result", outcome, justify="left"))
-    src = Column("source", source, justify="left", drop=5, dropped="source line")
-    room = width - table_width([c.natural() for c in columns] + [0])
-    if room >= 16:
-        src.cells = [Text(c.plain if c.cell_len <= room else c.plain[: room - 1] + "…", style="dim") for c in source]
-        columns.append(src)
+    _add_source(columns, source, width)
     table, notes = fitted_table(columns, width)
     folded = run.folded_steps
     last = trace.records[-1].step if trace.records else steps
@@ -149,6 +141,14 @@ def _by_line(trace: Trace, title: str, raised: dict[int, str], width: int) -> Re
     yield table
     if notes:
         yield Text("left out at this width: " + ", ".join(notes), style="dim")
+
+
+def _add_source(columns: list[Column], source: list[Text], width: int) -> None:
+    """The calls' source lines as a last column, taking what the other columns leave, cut at the end."""
+    room = width - table_width([c.natural() for c in columns] + [0])
+    if room >= 16:
+        cells = [Text(c.plain if c.cell_len <= room else c.plain[: room - 1] + "…", style="dim") for c in source]
+        columns.append(Column("source", cells, justify="left", drop=5, dropped="source line"))
 
 
 def _part_cell(part: Part | None) -> Text:
