@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 import re
@@ -13,6 +14,7 @@ from rich.console import Console
 import gradprobe
 from gradprobe.analysis.run import loss_key
 from gradprobe.analysis.run_tables import SeriesTable
+from gradprobe.detectors._common import TensorSet
 from gradprobe.exceptions import GradProbeError
 
 
@@ -405,15 +407,18 @@ def test_an_early_nan_is_still_reported_after_its_step_was_folded():
     assert gp602.step == 5
 
 
+_CONTAINERS = (list, dict, set, collections.deque, TensorSet)
+
+
 def _sizes(t: gradprobe.Trace) -> dict[str, int]:
     """Lengths of every container a plugin or the recorder holds, and the ledger's kept entries."""
     out = {}
     for name in t.plugin_names:
         for key, value in vars(t._plugins.get_plugin(name)).items():
-            if isinstance(value, (list, dict, set)):
+            if isinstance(value, _CONTAINERS):
                 out[f"{name}.{key}"] = len(value)
     for key, value in vars(t._recorder).items():
-        if isinstance(value, (list, dict, set)):
+        if isinstance(value, _CONTAINERS):
             out[f"recorder.{key}"] = len(value)
     out["findings"] = len(t.findings)
     out["parts"] = sum(len(s.parts) for s in t._ledger.leaves)

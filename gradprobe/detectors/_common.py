@@ -21,7 +21,32 @@ if TYPE_CHECKING:
 
     from gradprobe.api.trace import Trace
 
-__all__ = ["LedgerFacts", "assignment_site", "ledger_facts", "op_name", "tensors_in_frame"]
+__all__ = ["LedgerFacts", "TensorSet", "assignment_site", "ledger_facts", "op_name", "tensors_in_frame"]
+
+
+class TensorSet:
+    """Tensors by identity, held weakly. An id is reused once its tensor is freed, and a training loop
+    makes new tensors every step: the dead entries are forgotten once 1,024 are kept."""
+
+    __slots__ = ("_refs",)
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ReferenceType[torch.Tensor]] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        if len(self._refs) >= 1024:
+            self._refs = {k: r for k, r in self._refs.items() if r() is not None}
+        self._refs[id(tensor)] = weakref.ref(tensor)
+
+    def __contains__(self, tensor: object) -> bool:
+        ref = self._refs.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def clear(self) -> None:
+        self._refs.clear()
 
 _FACTS: weakref.WeakKeyDictionary[Any, tuple[int, LedgerFacts]] = weakref.WeakKeyDictionary()
 

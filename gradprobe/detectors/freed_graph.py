@@ -34,7 +34,7 @@ from gradprobe.capture.graph import iter_nodes, sequence_nr, walk
 from gradprobe.capture.sites import Site
 from gradprobe.detectors._subgraph import shared_tree
 from gradprobe.detectors.freed_graph_fixes import fix_for, running_total
-from gradprobe.detectors._common import call_text, is_augmented, node_owner, op_name, tensors_in_frame
+from gradprobe.detectors._common import TensorSet, call_text, is_augmented, node_owner, op_name, tensors_in_frame
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
@@ -89,7 +89,7 @@ class FreedGraph:
     def __init__(self) -> None:
         self._history: deque[_Freed] = deque(maxlen=16)
         self._pending: dict[int, _Freed] = {}
-        self._backwarded: dict[int, Any] = {}  # id(root) -> weakref: roots already backwarded
+        self._backwarded = TensorSet()  # roots already backwarded
         self._warned: set[tuple[str, Site | None]] = set()  # GP102 once per (other loss, line)
         self._predicted: list[_Prediction] = []  # GP102s whose predicted backward has not run yet
 
@@ -98,10 +98,8 @@ class FreedGraph:
         roots = [r.grad_fn for r in call.roots if r.grad_fn is not None]
         if not roots:
             return
-        if len(self._backwarded) >= 1024:  # a long run: forget the roots that are gone
-            self._backwarded = {k: r for k, r in self._backwarded.items() if r() is not None}
         for root in call.roots:
-            self._backwarded[id(root)] = weakref.ref(root)
+            self._backwarded.add(root)
         found = walk(call)
         nodes, freed, live = found.nodes, found.freed, found.live
         first = found.first
@@ -288,8 +286,7 @@ class FreedGraph:
         for name, t in candidates.values():
             if id(t) in root_ids or id(t.grad_fn) in in_graph:
                 continue
-            done = self._backwarded.get(id(t))
-            if done is not None and done() is t:
+            if t in self._backwarded:
                 continue
             if (name, call.site) in self._warned:
                 continue

@@ -18,7 +18,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from gradprobe.capture.sites import Site, frame_locals, name_in_frame, user_frame
-from gradprobe.detectors._common import assignment_site, op_name
+from gradprobe.detectors._common import TensorSet, assignment_site, op_name
 from gradprobe.findings import Finding, RelatedSite
 from gradprobe.hookspecs import hookimpl
 
@@ -68,18 +68,7 @@ class NonLeafGrad:
     gradprobe_name = "nonleaf_grad"
 
     def __init__(self) -> None:
-        # tensors already reported ahead of time, by id() with a weak reference (an id is reused once
-        # its tensor is freed: a training loop makes a new non-leaf with an old id every step)
-        self._warned: dict[int, weakref.ReferenceType[torch.Tensor]] = {}
-
-    def _was_warned(self, tensor: torch.Tensor) -> bool:
-        ref = self._warned.get(id(tensor))
-        return ref is not None and ref() is tensor
-
-    def _warn_once(self, tensor: torch.Tensor) -> None:
-        if len(self._warned) >= 1024:
-            self._warned = {k: r for k, r in self._warned.items() if r() is not None}
-        self._warned[id(tensor)] = weakref.ref(tensor)
+        self._warned = TensorSet()  # tensors already reported ahead of time
 
     @hookimpl
     def gradprobe_grad_read(self, trace: Trace, tensor: torch.Tensor, site: Site | None) -> None:
@@ -91,7 +80,7 @@ class NonLeafGrad:
             if tensor.grad is None and trace.records:
                 trace.emit(self._late_retain(name, tensor, site))
             return
-        if self._was_warned(tensor):
+        if tensor in self._warned:
             return
         trace.emit(self._finding("GP201", trace, frame, name, tensor, site, ahead=False))
 
@@ -110,12 +99,12 @@ class NonLeafGrad:
                 or not hasattr(tensor, "grad_fn")
                 or tensor.grad_fn is None
                 or tensor.retains_grad
-                or self._was_warned(tensor)
+                or tensor in self._warned
             ):
                 continue
             later = [line for line in lines if line > frame.f_lineno] or lines
             read_site = Site(frame.f_code.co_filename, later[0])
-            self._warn_once(tensor)
+            self._warned.add(tensor)
             trace.emit(self._finding("GP202", trace, frame, name, tensor, call.site, ahead=True, read=read_site))
 
     def _finding(
