@@ -16,6 +16,7 @@ from rich.text import Text
 from gradprobe._format import number
 from gradprobe.hookspecs import hookimpl
 from gradprobe.report.layout import Column, fitted_table
+from gradprobe.report.tables import several_steps
 
 if TYPE_CHECKING:
     from gradprobe.analysis.run import Agg, ModuleRun, RunAggregates, Series
@@ -136,8 +137,7 @@ class RunSection:
 
     @hookimpl
     def gradprobe_report_sections(self, trace: Trace) -> list[Any] | None:
-        records = trace.records
-        if trace._run.folded_steps == 0 and (not records or records[0].step == records[-1].step):
+        if not several_steps(trace):
             return None
         return [_RunRenderable(trace)]
 

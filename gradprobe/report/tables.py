@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from gradprobe.api.trace import Trace
     from gradprobe.findings import Finding
 
-__all__ = ["breakdown_table", "calls_table", "findings_panel"]
+__all__ = ["breakdown_table", "calls_table", "findings_panel", "several_steps"]
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -51,7 +51,7 @@ class _CallsTable:
             f"gradprobe · {total:,} backward call{'s' * (total != 1)} · "
             f"{n} lea{'ves' if n != 1 else 'f'} · keep={self._trace.keep}"
         )
-        if records and (records[0].step != records[-1].step or total > len(records)):
+        if several_steps(self._trace):
             yield from _by_line(self._trace, title, self._raised, options.max_width)
             return
         if not records:
@@ -281,6 +281,11 @@ class _BreakdownTable:
         for note in notes:
             yield Text(note, style="dim")
         yield Text("   ".join(legend), style="dim")
+
+
+def several_steps(trace: Trace) -> bool:
+    """Whether the trace's backward calls span several training steps (some may be folded already)."""
+    return trace._run.folded_steps > 0 or _latest_step(trace.records) is not None
 
 
 def _latest_step(records: tuple[BackwardRecord, ...]) -> int | None:
